@@ -1,0 +1,93 @@
+"""LSQ activation quantizer with QDrop's element-wise random drop.
+
+Per-tensor, unsigned asymmetric grid. The step size is a parameter learned
+with the LSQ gradient (scaled by 1/sqrt(numel·Q_max)); the zero point is fixed
+at calibration. With ``drop_prob`` = p < 1, each element independently keeps
+its quantized value with probability p and its FP value otherwise, with a
+fresh mask every forward (p is the probability of *keeping* quantization, as
+in the reference code).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .fake_quant import EPS, check_bits, fake_quantize, grad_scale, quant_max
+from .observers import build_observer
+
+
+def _sync_calibrated_flag(module: 'LSQActQuantizer', incompatible_keys) -> None:
+    module.is_calibrated = bool(module.calibrated)
+
+
+class LSQActQuantizer(nn.Module):
+    """Learned-step activation fake quantizer with optional QDrop drop.
+
+    States: ``observing`` feeds the observer (calibration); ``enabled``
+    switches quantization on; ``drop_prob`` < 1 turns the drop on.
+    """
+
+    def __init__(self, bits: int, observer: str = 'mse') -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
+        self.register_buffer('zero_point', torch.zeros(()))
+        self.register_buffer('calibrated', torch.tensor(False))
+        self.is_calibrated = False
+        self.register_load_state_dict_post_hook(_sync_calibrated_flag)
+        self.observer_kind = observer
+        self.observer = None
+        self.enabled = True
+        self.observing = False
+        self.drop_prob = 1.0
+
+    @property
+    def qmax(self) -> int:
+        return quant_max(self.bits)
+
+    def start_observing(self) -> None:
+        self.observer = build_observer(self.observer_kind, self.bits)
+        self.observing = True
+
+    @torch.no_grad()
+    def finish_observing(self) -> None:
+        """Fix scale and zero point from what the observer saw."""
+        self.observing = False
+        if self.observer is None or self.observer.min_val is None:
+            raise RuntimeError('activation quantizer saw no data during calibration; '
+                               'is it on the path of the calibration forward?')
+        scale, zp = self.observer.compute()
+        self.scale.data = scale.reshape(()).float()
+        self.zero_point = zp.reshape(()).float()
+        self.calibrated.fill_(True)
+        self.is_calibrated = True
+        self.observer = None
+
+    @torch.no_grad()
+    def clamp_step(self) -> None:
+        """Keep the learned step positive after an optimiser update."""
+        self.scale.data.abs_().clamp_(min=EPS)
+
+    def quantize(self, x: Tensor) -> Tensor:
+        scale = self.scale
+        if scale.requires_grad:
+            scale = grad_scale(scale, 1.0 / math.sqrt(x.numel() * self.qmax))
+        return fake_quantize(x, scale, self.zero_point, self.qmax)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            self.observer.observe(x)
+        if not self.enabled or not self.is_calibrated:
+            return x
+        xq = self.quantize(x)
+        if self.drop_prob >= 1.0:
+            return xq
+        if self.drop_prob <= 0.0:
+            return x
+        keep = torch.rand_like(x) < self.drop_prob
+        return torch.where(keep, xq, x)
+
+    def extra_repr(self) -> str:
+        return f'bits={self.bits}, drop_prob={self.drop_prob}'

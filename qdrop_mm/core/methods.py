@@ -1,0 +1,133 @@
+"""PTQ methods as configurations of one reconstruction loop.
+
+A method is an ordered tuple of stages; each stage visits every unit in
+order. ``rtn`` has no stage; ``adaround`` learns rounding with FP
+activations; ``brecq`` (two-stage, as published) first learns rounding with
+activations off, then learns activation step sizes with activations always
+quantized; ``qdrop`` learns both together with drop probability p.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, Tuple
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+
+
+def _check_unit_interval(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f'{name} must be a number in [0, 1], got {value!r}')
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One pass of block reconstruction over all units.
+
+    ``act_quant``: activation quantizers are on while this stage runs (and when
+    its quantized inputs are captured). ``drop_prob``: probability of keeping
+    activation quantization per element (1 = always quantized).
+    """
+
+    iters: int = 20000
+    learn_rounding: bool = True
+    learn_act_steps: bool = True
+    act_quant: bool = True
+    drop_prob: float = 0.5
+    w_lr: float = 1e-3
+    a_lr: float = 4e-5
+    round_weight: float = 0.01
+    warmup: float = 0.2
+    b_start: float = 20.0
+    b_end: float = 2.0
+    batch_size: int = 2
+    log_interval: int = 100
+
+    def __post_init__(self) -> None:
+        _check_positive_int('iters', self.iters)
+        _check_positive_int('batch_size', self.batch_size)
+        _check_positive_int('log_interval', self.log_interval)
+        _check_unit_interval('drop_prob', self.drop_prob)
+        _check_unit_interval('warmup', self.warmup)
+        if not (self.learn_rounding or self.learn_act_steps):
+            raise ValueError('a stage must learn rounding, activation steps, or both')
+        if self.learn_act_steps and not self.act_quant:
+            raise ValueError('learn_act_steps needs act_quant=True')
+        for name in ('w_lr', 'a_lr', 'round_weight'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str
+    stages: Tuple[StageConfig, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {'name': self.name, 'stages': [asdict(s) for s in self.stages]}
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """What a user may set for any method; each method reads what it needs."""
+
+    iters: int = 20000
+    drop_prob: float = 0.5
+    act_iters: int = 5000
+    act_lr_stage2: float = 4e-4
+    stage: Dict[str, Any] = field(default_factory=dict)
+
+
+TUNABLE_STAGE_OPTIONS = frozenset(StageConfig.__dataclass_fields__) - {
+    'iters', 'learn_rounding', 'learn_act_steps', 'act_quant', 'drop_prob'}
+MethodBuilder = Callable[[MethodOptions], MethodConfig]
+METHODS: Dict[str, MethodBuilder] = {}
+
+
+def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
+    def deco(fn: MethodBuilder) -> MethodBuilder:
+        METHODS[name] = fn
+        return fn
+    return deco
+
+
+@register_method('rtn')
+def rtn(opts: MethodOptions) -> MethodConfig:
+    return MethodConfig('rtn', ())
+
+
+@register_method('adaround')
+def adaround(opts: MethodOptions) -> MethodConfig:
+    stage = StageConfig(iters=opts.iters, learn_rounding=True, learn_act_steps=False, act_quant=False,
+                        drop_prob=1.0, **opts.stage)
+    return MethodConfig('adaround', (stage,))
+
+
+@register_method('brecq')
+def brecq(opts: MethodOptions) -> MethodConfig:
+    weights = StageConfig(iters=opts.iters, learn_rounding=True, learn_act_steps=False, act_quant=False,
+                          drop_prob=1.0, **opts.stage)
+    acts = replace(weights, iters=opts.act_iters, learn_rounding=False, learn_act_steps=True, act_quant=True,
+                   a_lr=opts.act_lr_stage2)
+    return MethodConfig('brecq', (weights, acts))
+
+
+@register_method('qdrop')
+def qdrop(opts: MethodOptions) -> MethodConfig:
+    stage = StageConfig(iters=opts.iters, learn_rounding=True, learn_act_steps=True, act_quant=True,
+                        drop_prob=opts.drop_prob, **opts.stage)
+    return MethodConfig('qdrop', (stage,))
+
+
+def build_method(name: str, iters: int = 20000, drop_prob: float = 0.5, act_iters: int = 5000,
+                 act_lr_stage2: float = 4e-4, **stage: Any) -> MethodConfig:
+    """Method config by registered name; ``stage`` keywords override StageConfig defaults."""
+    if name not in METHODS:
+        raise ValueError(f'unknown method {name!r}; choose one of {sorted(METHODS)}')
+    unknown = set(stage) - TUNABLE_STAGE_OPTIONS
+    if unknown:
+        raise ValueError(f'unknown method option(s) {sorted(unknown)}; '
+                         f'allowed: iters, drop_prob, act_iters, act_lr_stage2, {sorted(TUNABLE_STAGE_OPTIONS)}')
+    return METHODS[name](MethodOptions(iters, drop_prob, act_iters, act_lr_stage2, dict(stage)))

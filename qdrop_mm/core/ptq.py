@@ -1,0 +1,124 @@
+"""Core entry point: calibrate activations, then reconstruct units stage by stage.
+
+Plain PyTorch: the caller supplies the model, its ordered reconstruction
+units (already replaced by quantized modules), calibration batches and a
+``forward_fn(model, batch)`` that drives the model over one batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .capture import ForwardFn, capture_inputs
+from .methods import MethodConfig, StageConfig
+from .quant_state import act_quantizers, quant_state
+from .reconstruct import ReconResult, reconstruct_unit
+from .unit_cache import UnitCache
+
+
+@dataclass
+class Unit:
+    """A reconstruction unit: a quantized module inside the model, in network order."""
+
+    name: str
+    module: nn.Module
+    kind: str = 'layer'
+
+
+@dataclass
+class UnitRecord:
+    name: str
+    kind: str
+    stage: int
+    result: ReconResult
+    cache_bytes: int
+
+
+@dataclass
+class PTQResult:
+    method: Dict[str, Any]
+    records: List[UnitRecord] = field(default_factory=list)
+
+
+class PTQCallbacks:
+    """No-op hooks around the phases; subclass to log, report or checkpoint."""
+
+    def before_calibration(self, num_quantizers: int) -> None:
+        pass
+
+    def after_calibration(self) -> None:
+        pass
+
+    def before_unit(self, stage_idx: int, unit: Unit) -> None:
+        pass
+
+    def progress(self, it: int, total: int, loss: float) -> None:
+        pass
+
+    def after_unit(self, record: UnitRecord) -> None:
+        pass
+
+    def should_skip(self, stage_idx: int, unit: Unit) -> bool:
+        """True when this unit/stage is already done (e.g. restored on resume)."""
+        return False
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn) -> int:
+    """Initialise every activation quantizer from FP activations; returns how many."""
+    aqs = [q for q in act_quantizers(model) if not q.is_calibrated]
+    for q in aqs:
+        q.start_observing()
+    try:
+        with quant_state(model, weight=False, act=False):
+            for batch in batches:
+                forward_fn(model, batch)
+    finally:
+        for q in aqs:
+            q.observing = False
+    for q in aqs:
+        q.finish_observing()
+    return len(aqs)
+
+
+@torch.no_grad()
+def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
+                     stage: StageConfig, store_device: torch.device) -> UnitCache:
+    """Capture x_fp (all FP), x_q (earlier units quantized) and the FP targets of ``unit``."""
+    with quant_state(model, weight=False, act=False):
+        x_fp = capture_inputs(model, unit, batches, forward_fn, store_device)
+    with quant_state(model, weight=True, act=stage.act_quant, drop_prob=1.0):
+        x_q = capture_inputs(model, unit, batches, forward_fn, store_device)
+    device = next(unit.buffers()).device
+    with quant_state(unit, weight=False, act=False):
+        target = [unit(x.to(device)).to(store_device) for x in x_fp]
+    return UnitCache(x_fp, x_q, target)
+
+
+def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], forward_fn: ForwardFn,
+            method: MethodConfig, callbacks: Optional[PTQCallbacks] = None,
+            store_device: torch.device = torch.device('cpu')) -> PTQResult:
+    """Quantize ``model`` in place with ``method`` and return what happened per unit."""
+    cb = callbacks or PTQCallbacks()
+    if not units:
+        raise ValueError('no reconstruction units: nothing to quantize')
+    model.eval()
+    cb.before_calibration(len(act_quantizers(model)))
+    calibrate_activations(model, batches, forward_fn)
+    cb.after_calibration()
+    result = PTQResult(method.to_dict())
+    for stage_idx, stage in enumerate(method.stages):
+        for unit in units:
+            if cb.should_skip(stage_idx, unit):
+                continue
+            cb.before_unit(stage_idx, unit)
+            cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, store_device)
+            rec = reconstruct_unit(unit.module, cache, stage, progress=cb.progress)
+            record = UnitRecord(unit.name, unit.kind, stage_idx, rec, cache.num_bytes())
+            del cache
+            result.records.append(record)
+            cb.after_unit(record)
+    return result

@@ -1,0 +1,93 @@
+"""Quantized building blocks that replace FP modules inside a network.
+
+``QuantLayer`` is one conv or linear with its BatchNorm folded in, an optional
+activation function and an optional output activation quantizer.
+``QuantResidual`` is a residual unit (ResNet blocks, MobileNetV2 inverted
+residuals): a branch of QuantLayers plus a shortcut, an optional activation
+after the add, and an optional quantizer on the unit output. Where the
+activation quantizers sit is decided by whoever builds these (the block
+rules), following the spec: on every inner conv(+act) output except the
+branch's last conv and the shortcut, and on the unit output.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adaround import AdaRoundQuantizer
+from .bn_fold import fold_bn
+from .lsq import LSQActQuantizer
+
+Layer = Union[nn.Conv2d, nn.Linear]
+
+
+class QuantLayer(nn.Module):
+    """Conv2d/Linear (+ folded BN) (+ activation) (+ output act quantizer)."""
+
+    def __init__(self, layer: Layer, w_bits: int, bn: Optional[nn.Module] = None,
+                 activation: Optional[nn.Module] = None, a_bits: Optional[int] = None,
+                 w_observer: str = 'mse', a_observer: str = 'mse') -> None:
+        super().__init__()
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f'QuantLayer wraps nn.Conv2d or nn.Linear, got {type(layer).__name__}')
+        if isinstance(layer, nn.Conv2d) and layer.padding_mode != 'zeros':
+            raise ValueError(f"only padding_mode='zeros' is supported, got {layer.padding_mode!r}")
+        self.kind = 'conv' if isinstance(layer, nn.Conv2d) else 'linear'
+        if self.kind == 'conv':
+            self.stride, self.padding = layer.stride, layer.padding
+            self.dilation, self.groups = layer.dilation, layer.groups
+        weight = layer.weight.detach().clone()
+        bias = layer.bias.detach().clone() if layer.bias is not None else None
+        if bn is not None:
+            weight, bias = fold_bn(weight, bias, bn)
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        self.register_buffer('weight', weight)
+        self.register_buffer('bias', bias)
+        self.weight_quantizer = AdaRoundQuantizer(weight, w_bits, ch_axis=0, observer=w_observer)
+        self.activation = activation
+        self.act_quantizer = LSQActQuantizer(a_bits, a_observer) if a_bits is not None else None
+
+    @property
+    def w_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight_quantizer(self.weight)
+        if self.kind == 'conv':
+            y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            y = F.linear(x, w, self.bias)
+        if self.activation is not None:
+            y = self.activation(y)
+        if self.act_quantizer is not None:
+            y = self.act_quantizer(y)
+        return y
+
+
+class QuantResidual(nn.Module):
+    """y = Q(post_act(branch(x) + shortcut(x))), shortcut = identity when None."""
+
+    def __init__(self, branch: nn.Module, shortcut: Optional[nn.Module] = None,
+                 post_activation: Optional[nn.Module] = None, a_bits: Optional[int] = None,
+                 a_observer: str = 'mse') -> None:
+        super().__init__()
+        self.branch = branch
+        self.shortcut = shortcut
+        self.post_activation = post_activation
+        self.act_quantizer = LSQActQuantizer(a_bits, a_observer) if a_bits is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.shortcut is None else self.shortcut(x)
+        y = self.branch(x) + identity
+        if self.post_activation is not None:
+            y = self.post_activation(y)
+        if self.act_quantizer is not None:
+            y = self.act_quantizer(y)
+        return y
