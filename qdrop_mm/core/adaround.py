@@ -21,6 +21,10 @@ GAMMA = -0.1
 ROUNDING_MODES = ('nearest', 'soft', 'hard')
 
 
+def _sync_mode(module: 'AdaRoundQuantizer', incompatible_keys) -> None:
+    module.mode = ROUNDING_MODES[int(module.mode_code)]
+
+
 class AdaRoundQuantizer(nn.Module):
     """Per-output-channel weight quantizer with nearest, soft (learned) or hard rounding.
 
@@ -42,6 +46,8 @@ class AdaRoundQuantizer(nn.Module):
         self.register_buffer('zero_point', zero_point.reshape(-1))
         self.alpha = nn.Parameter(torch.zeros_like(weight), requires_grad=False)
         self.register_buffer('rounding_initialised', torch.tensor(False))
+        self.register_buffer('mode_code', torch.tensor(0, dtype=torch.uint8))
+        self.register_load_state_dict_post_hook(_sync_mode)
 
     @property
     def qmax(self) -> int:
@@ -66,6 +72,7 @@ class AdaRoundQuantizer(nn.Module):
         if mode != 'nearest' and not bool(self.rounding_initialised):
             raise RuntimeError('call init_rounding(weight) before switching to soft or hard rounding')
         self.mode = mode
+        self.mode_code.fill_(ROUNDING_MODES.index(mode))
         self.alpha.requires_grad_(mode == 'soft')
 
     def h(self) -> Tensor:

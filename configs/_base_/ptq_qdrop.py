@@ -1,0 +1,19 @@
+# The PTQ section shared by every qdrop_mm config: QDrop as the authors' code
+# runs it (see README "Configuration"). Override any key in a config or with
+# --cfg-options ptq.w_bits=2 ...
+ptq = dict(
+    method='qdrop',          # rtn | adaround | brecq | qdrop
+    w_bits=4,
+    a_bits=4,
+    first_layer_bits=8,      # stem conv weights; None = same as w_bits
+    drop_prob=0.5,           # probability of KEEPING activation quantization per element
+    iters=20000,             # reconstruction iterations per unit
+    act_iters=5000,          # brecq's second (activation step) stage
+    num_images=256,          # calibration images from the TRAIN split
+    batch_size=2,
+    seed=0,
+    scope=['backbone', 'neck'],   # heads stay FP, as in the authors' protocol
+    quantize_fpn_outputs=False,   # FPN output convs: weights quantized, outputs FP
+    overrides=dict(),        # e.g. {'backbone.layer4': dict(w_bits=8)}
+    method_options=dict(),   # e.g. dict(round_weight=0.01, w_lr=1e-3, a_lr=4e-5, warmup=0.2)
+)

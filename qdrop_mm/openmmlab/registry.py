@@ -1,0 +1,5 @@
+"""qdrop_mm's child registries of mmengine's, so configs can say ``type='qdrop_mm.PTQLoop'``."""
+from mmengine.registry import LOOPS as MMENGINE_LOOPS
+from mmengine.registry import Registry
+
+LOOPS = Registry('loop', parent=MMENGINE_LOOPS, scope='qdrop_mm', locations=['qdrop_mm.openmmlab.ptq_loop'])

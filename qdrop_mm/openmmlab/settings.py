@@ -1,0 +1,133 @@
+"""The ``ptq`` section of a config, validated into a typed object.
+
+Every error names the config key and the allowed values, so a mistyped
+config fails before any heavy work.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from qdrop_mm.core.fake_quant import MAX_BITS, MIN_BITS
+from qdrop_mm.core.methods import METHODS, TUNABLE_STAGE_OPTIONS, MethodConfig, build_method
+
+
+def _bits(key: str, value: Any, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise ValueError(f'ptq.{key} must be an integer from {MIN_BITS} to {MAX_BITS}, got {value!r}')
+    return value
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f'ptq.{key} must be a positive integer, got {value!r}')
+    return value
+
+
+@dataclass(frozen=True)
+class BitOverride:
+    """Bits for every quantized layer whose module path starts with ``prefix``."""
+
+    prefix: str
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class PTQSettings:
+    method: str = 'qdrop'
+    w_bits: int = 4
+    a_bits: int = 4
+    first_layer_bits: Optional[int] = 8
+    drop_prob: float = 0.5
+    iters: int = 20000
+    act_iters: int = 5000
+    num_images: int = 256
+    batch_size: int = 2
+    seed: int = 0
+    scope: Tuple[str, ...] = ('backbone', 'neck')
+    quantize_fpn_outputs: bool = False
+    overrides: Tuple[BitOverride, ...] = ()
+    method_options: Dict[str, Any] = field(default_factory=dict)
+    calib_num_workers: int = 2
+    w_observer: str = 'mse'
+    a_observer: str = 'mse'
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> 'PTQSettings':
+        """Validate a config dict (unknown keys are errors, not silently ignored)."""
+        cfg = dict(cfg)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f'unknown ptq key(s) {unknown}; allowed keys: {sorted(known)}')
+        method = cfg.get('method', cls.method)
+        if method not in METHODS:
+            raise ValueError(f'ptq.method must be one of {sorted(METHODS)}, got {method!r}')
+        kw: Dict[str, Any] = dict(cfg)
+        kw['w_bits'] = _bits('w_bits', cfg.get('w_bits', cls.w_bits))
+        kw['a_bits'] = _bits('a_bits', cfg.get('a_bits', cls.a_bits))
+        kw['first_layer_bits'] = _bits('first_layer_bits', cfg.get('first_layer_bits', cls.first_layer_bits),
+                                       allow_none=True)
+        p = cfg.get('drop_prob', cls.drop_prob)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f'ptq.drop_prob must be a number in [0, 1] (probability of keeping '
+                             f'quantization), got {p!r}')
+        for key in ('iters', 'act_iters', 'num_images', 'batch_size'):
+            kw[key] = _positive_int(key, cfg.get(key, getattr(cls, key)))
+        workers = cfg.get('calib_num_workers', cls.calib_num_workers)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f'ptq.calib_num_workers must be an integer >= 0, got {workers!r}')
+        scope = cfg.get('scope', cls.scope)
+        if isinstance(scope, str):
+            scope = (scope,)
+        if not scope or not all(isinstance(s, str) and s for s in scope):
+            raise ValueError(f'ptq.scope must be a non-empty list of module paths, got {scope!r}')
+        kw['scope'] = tuple(scope)
+        kw['overrides'] = tuple(_override(k, v) for k, v in dict(cfg.get('overrides', {})).items())
+        opts = dict(cfg.get('method_options', {}))
+        bad = sorted(set(opts) - TUNABLE_STAGE_OPTIONS)
+        if bad:
+            raise ValueError(f'ptq.method_options has unknown key(s) {bad}; allowed: {sorted(TUNABLE_STAGE_OPTIONS)}')
+        kw['method_options'] = opts
+        for key in ('w_observer', 'a_observer'):
+            if cfg.get(key, 'mse') not in ('mse', 'minmax'):
+                raise ValueError(f"ptq.{key} must be 'mse' or 'minmax', got {cfg.get(key)!r}")
+        settings = cls(**kw)
+        settings.build_method()
+        return settings
+
+    def build_method(self) -> MethodConfig:
+        try:
+            return build_method(self.method, iters=self.iters, drop_prob=self.drop_prob,
+                                act_iters=self.act_iters, batch_size=self.batch_size, **self.method_options)
+        except ValueError as err:
+            raise ValueError(f'ptq: {err}') from None
+
+    def bits_for(self, path: str, first_layer: bool) -> Tuple[int, int]:
+        """(weight bits, activation bits) for the layer at ``path``; the longest matching override wins."""
+        w_bits = self.first_layer_bits if first_layer and self.first_layer_bits else self.w_bits
+        a_bits = self.a_bits
+        for ov in sorted(self.overrides, key=lambda o: len(o.prefix)):
+            if path == ov.prefix or path.startswith(ov.prefix + '.'):
+                w_bits = ov.w_bits or w_bits
+                a_bits = ov.a_bits or a_bits
+        return w_bits, a_bits
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d['scope'] = list(self.scope)
+        d['overrides'] = {o.prefix: {'w_bits': o.w_bits, 'a_bits': o.a_bits} for o in self.overrides}
+        return d
+
+
+def _override(prefix: Any, value: Any) -> BitOverride:
+    if not isinstance(prefix, str) or not isinstance(value, Mapping):
+        raise ValueError(f"ptq.overrides must map module paths to dict(w_bits=..., a_bits=...), got {prefix!r}: {value!r}")
+    bad = sorted(set(value) - {'w_bits', 'a_bits'})
+    if bad:
+        raise ValueError(f'ptq.overrides[{prefix!r}] has unknown key(s) {bad}; allowed: w_bits, a_bits')
+    return BitOverride(prefix, _bits(f'overrides[{prefix!r}].w_bits', value.get('w_bits'), allow_none=True),
+                       _bits(f'overrides[{prefix!r}].a_bits', value.get('a_bits'), allow_none=True))
