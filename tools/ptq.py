@@ -76,12 +76,7 @@ def main(argv=None) -> dict:
         cfg = build_cfg(args)
     except ValueError as err:
         raise SystemExit(f'error: {err}') from None
-    if not args.allow_unsafe_checkpoint:
-        install_safe_mmengine_loading()
-    else:
-        import torch
-        torch.serialization.add_safe_globals([])
-        os.environ['TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'] = '1'
+    install_safe_mmengine_loading(allow_unsafe=args.allow_unsafe_checkpoint)
     runner = Runner.from_cfg(cfg)
     return runner.test()
 
