@@ -16,7 +16,7 @@ from .capture import ForwardFn, capture_inputs
 from .methods import MethodConfig, StageConfig
 from .quant_state import act_quantizers, quant_state
 from .reconstruct import ReconResult, reconstruct_unit
-from .unit_cache import UnitCache
+from .unit_cache import CachePolicy, UnitCache
 
 
 @dataclass
@@ -35,6 +35,7 @@ class UnitRecord:
     stage: int
     result: ReconResult
     cache_bytes: int
+    cache_usage: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,21 +87,24 @@ def calibrate_activations(model: nn.Module, batches: Sequence[Any], forward_fn: 
 
 @torch.no_grad()
 def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
-                     stage: StageConfig, store_device: torch.device) -> UnitCache:
+                     stage: StageConfig, policy: Optional[CachePolicy] = None) -> UnitCache:
     """Capture x_fp (all FP), x_q (earlier units quantized) and the FP targets of ``unit``."""
-    with quant_state(model, weight=False, act=False):
-        x_fp = capture_inputs(model, unit, batches, forward_fn, store_device)
-    with quant_state(model, weight=True, act=stage.act_quant, drop_prob=1.0):
-        x_q = capture_inputs(model, unit, batches, forward_fn, store_device)
     device = next(unit.buffers()).device
+    cache = UnitCache(policy, device)
+    with quant_state(model, weight=False, act=False):
+        capture_inputs(model, unit, batches, forward_fn, sink=cache.x_fp.append)
+    with quant_state(model, weight=True, act=stage.act_quant, drop_prob=1.0):
+        capture_inputs(model, unit, batches, forward_fn, sink=cache.x_q.append)
     with quant_state(unit, weight=False, act=False):
-        target = [unit(x.to(device)).to(store_device) for x in x_fp]
-    return UnitCache(x_fp, x_q, target)
+        for i in range(len(cache.x_fp)):
+            cache.target.append(unit(cache.x_fp.get(i, device)))
+    cache.finalize()
+    return cache
 
 
 def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], forward_fn: ForwardFn,
             method: MethodConfig, callbacks: Optional[PTQCallbacks] = None,
-            store_device: torch.device = torch.device('cpu')) -> PTQResult:
+            cache_policy: Optional[CachePolicy] = None) -> PTQResult:
     """Quantize ``model`` in place with ``method`` and return what happened per unit."""
     cb = callbacks or PTQCallbacks()
     if not units:
@@ -115,10 +119,12 @@ def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], for
             if cb.should_skip(stage_idx, unit):
                 continue
             cb.before_unit(stage_idx, unit)
-            cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, store_device)
-            rec = reconstruct_unit(unit.module, cache, stage, progress=cb.progress)
-            record = UnitRecord(unit.name, unit.kind, stage_idx, rec, cache.num_bytes())
-            del cache
+            cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, cache_policy)
+            try:
+                rec = reconstruct_unit(unit.module, cache, stage, progress=cb.progress)
+            finally:
+                cache.close()
+            record = UnitRecord(unit.name, unit.kind, stage_idx, rec, cache.num_bytes(), cache.usage())
             result.records.append(record)
             cb.after_unit(record)
     return result

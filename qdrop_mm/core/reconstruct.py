@@ -61,8 +61,9 @@ def evaluate_unit(unit: nn.Module, cache: UnitCache, device: torch.device, act_q
     """Mean output MSE over every cached batch, the unit fully quantized (no drop)."""
     total = 0.0
     with quant_state(unit, weight=True, act=act_quant, drop_prob=1.0):
-        for x_q, target in zip(cache.x_q, cache.target):
-            total += output_mse(unit(x_q.to(device)), target.to(device)).item()
+        for i in range(len(cache)):
+            _, x_q, target = cache.entry(i, device)
+            total += output_mse(unit(x_q), target).item()
     return total / len(cache)
 
 

@@ -41,7 +41,7 @@ def test_adaround_lowers_block_mse_clearly_vs_rtn(toy):
     units = quantize_toy_net(q, w_bits=2, a_bits=4)
     calibrate_activations(q, batches, toy_forward)
     stage = build_method('adaround', iters=200).stages[0]
-    cache = build_unit_cache(q, units[1].module, batches, toy_forward, stage, torch.device('cpu'))
+    cache = build_unit_cache(q, units[1].module, batches, toy_forward, stage)
     torch.manual_seed(0)
     res = reconstruct_unit(units[1].module, cache, stage)
     assert res.loss_after < 0.5 * res.loss_before
@@ -100,6 +100,7 @@ def test_nan_loss_is_reported_with_iteration(toy):
     q = copy.deepcopy(net)
     units = quantize_toy_net(q, 4, 4)
     calibrate_activations(q, batches, toy_forward)
-    bad = UnitCache([torch.randn(2, 16, 8, 8)], [torch.randn(2, 16, 8, 8)], [torch.full((2, 16, 8, 8), float('nan'))])
+    bad = UnitCache.from_tensors([torch.randn(2, 16, 8, 8)], [torch.randn(2, 16, 8, 8)],
+                                [torch.full((2, 16, 8, 8), float('nan'))])
     with pytest.raises(NonFiniteLossError, match='iteration 0'):
         reconstruct_unit(units[1].module, bad, StageConfig(iters=5, log_interval=1))
