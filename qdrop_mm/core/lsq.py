@@ -18,6 +18,46 @@ from .fake_quant import EPS, check_bits, fake_quantize, grad_scale, quant_max
 from .observers import build_observer
 
 
+class _LSQDropFunction(torch.autograd.Function):
+    """Fused LSQ fake quantization with the QDrop drop: one saved mask instead of a graph of temporaries.
+
+    Forward: y = where(keep, s·(clamp(round(x/s) + z, 0, Q) − z), x).
+    Backward: straight-through for x inside the grid (identity where dropped),
+    LSQ gradient for s on kept elements, scaled by ``grad_factor``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep_prob: float,
+                grad_factor: float) -> Tensor:
+        x_s = x / scale
+        x_r = torch.round(x_s)
+        q = torch.clamp(x_r + zero_point, 0, qmax)
+        y = (q - zero_point) * scale
+        keep = None
+        if keep_prob < 1.0:
+            keep = torch.rand_like(x) < keep_prob
+            y = torch.where(keep, y, x)
+        ctx.save_for_backward(x, scale, zero_point, keep)
+        ctx.qmax, ctx.grad_factor = qmax, grad_factor
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, scale, zero_point, keep = ctx.saved_tensors
+        x_s = x / scale
+        x_r = torch.round(x_s)
+        level = x_r + zero_point
+        inside = (level >= 0) & (level <= ctx.qmax)
+        clamped = torch.clamp(level, 0, ctx.qmax) - zero_point
+        d_scale = torch.where(inside, x_r - x_s, clamped)
+        pass_x = inside if keep is None else inside | ~keep
+        if keep is not None:
+            d_scale = d_scale * keep
+        grad_x = grad * pass_x
+        grad_scale = (grad * d_scale).sum().reshape(scale.shape) * ctx.grad_factor if ctx.needs_input_grad[1] else None
+        return grad_x, grad_scale, None, None, None, None
+
+
 def _sync_calibrated_flag(module: 'LSQActQuantizer', incompatible_keys) -> None:
     module.is_calibrated = bool(module.calibrated)
 
@@ -42,6 +82,7 @@ class LSQActQuantizer(nn.Module):
         self.enabled = True
         self.observing = False
         self.drop_prob = 1.0
+        self.fused = True
 
     @property
     def qmax(self) -> int:
@@ -81,13 +122,13 @@ class LSQActQuantizer(nn.Module):
             self.observer.observe(x)
         if not self.enabled or not self.is_calibrated:
             return x
-        xq = self.quantize(x)
-        if self.drop_prob >= 1.0:
-            return xq
         if self.drop_prob <= 0.0:
             return x
-        keep = torch.rand_like(x) < self.drop_prob
-        return torch.where(keep, xq, x)
+        if not self.fused:
+            xq = self.quantize(x)
+            return xq if self.drop_prob >= 1.0 else torch.where(torch.rand_like(x) < self.drop_prob, xq, x)
+        factor = 1.0 / math.sqrt(x.numel() * self.qmax) if self.scale.requires_grad else 1.0
+        return _LSQDropFunction.apply(x, self.scale, self.zero_point, self.qmax, self.drop_prob, factor)
 
     def extra_repr(self) -> str:
         return f'bits={self.bits}, drop_prob={self.drop_prob}'

@@ -73,3 +73,24 @@ def test_uncalibrated_is_identity_and_calibration_needs_data():
     q.start_observing()
     with pytest.raises(RuntimeError, match='saw no data'):
         q.finish_observing()
+
+
+@pytest.mark.parametrize('keep_prob', [1.0, 0.5])
+def test_fused_path_matches_reference_autograd(keep_prob):
+    q = _calibrated(bits=3, seed=2)
+    q.drop_prob = keep_prob
+    q.scale.requires_grad_(True)
+    x = (torch.randn(4, 8, 6, 6) * 2).requires_grad_(True)
+    torch.manual_seed(7)
+    y = q(x)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    fused_x, fused_s = x.grad.clone(), q.scale.grad.clone()
+    x.grad, q.scale.grad = None, None
+    torch.manual_seed(7)
+    keep = torch.rand_like(x) < keep_prob if keep_prob < 1 else torch.ones_like(x, dtype=torch.bool)
+    ref = torch.where(keep, q.quantize(x), x)
+    assert torch.equal(ref, y)
+    (ref * gy).sum().backward()
+    assert torch.allclose(fused_x, x.grad)
+    assert torch.allclose(fused_s, q.scale.grad, rtol=1e-4, atol=1e-6)
