@@ -58,6 +58,17 @@ class _LSQDropFunction(torch.autograd.Function):
         return grad_x, grad_scale, None, None, None, None
 
 
+def _average_across_ranks(observer) -> None:
+    """Under torch.distributed, every rank adopts the mean of the ranks' observed ranges."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for name in ('min_val', 'max_val'):
+        t = getattr(observer, name).clone()
+        torch.distributed.all_reduce(t)
+        setattr(observer, name, t / world)
+
+
 def _sync_calibrated_flag(module: 'LSQActQuantizer', incompatible_keys) -> None:
     module.is_calibrated = bool(module.calibrated)
 
@@ -99,6 +110,7 @@ class LSQActQuantizer(nn.Module):
         if self.observer is None or self.observer.min_val is None:
             raise RuntimeError('activation quantizer saw no data during calibration; '
                                'is it on the path of the calibration forward?')
+        _average_across_ranks(self.observer)
         scale, zp = self.observer.compute()
         self.scale.data = scale.reshape(()).float()
         self.zero_point = zp.reshape(()).float()

@@ -73,7 +73,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
     """Run one stage of reconstruction on ``unit`` and harden its rounding."""
     device = device or next(unit.buffers()).device
     wqs, aqs = weight_quantizers(unit), act_quantizers(unit)
-    loss_before = evaluate_unit(unit, cache, device, stage.act_quant)
+    loss_before = _mean_across_ranks(evaluate_unit(unit, cache, device, stage.act_quant))
     start = time.perf_counter()
 
     w_params = []
@@ -109,6 +109,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
                 if a_opt:
                     a_opt.zero_grad(set_to_none=True)
                 loss.backward()
+                _average_gradients(w_params + a_params)
                 if w_opt:
                     w_opt.step()
                 if a_opt:
@@ -130,8 +131,33 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         for q in wqs:
             q.set_mode('hard')
     seconds = time.perf_counter() - start
-    loss_after = evaluate_unit(unit, cache, device, stage.act_quant)
+    loss_after = _mean_across_ranks(evaluate_unit(unit, cache, device, stage.act_quant))
     return ReconResult(loss_before, loss_after, stage.iters, seconds, curve)
+
+
+def _mean_across_ranks(value: float) -> float:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / torch.distributed.get_world_size()
+
+
+def _average_gradients(params: List[Tensor]) -> None:
+    """Under torch.distributed, average the learned parameters' gradients so every rank steps alike."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
 
 
 def _quantizers_with_weights(unit: nn.Module):
