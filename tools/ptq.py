@@ -1,12 +1,18 @@
 """Quantize an mmdet/mmseg model with QDrop (or RTN/AdaRound/BRECQ) and evaluate it.
 
     python tools/ptq.py configs/faster_rcnn_r50_w4a4.py [--checkpoint CKPT] [--work-dir DIR]
-        [--cfg-options k=v ...] [--launcher none|pytorch|slurm] [--load-quantized FILE]
+        [--cfg-options k=v ...] [--launcher none|pytorch|slurm] [--load-quantized FILE] [--resume]
 
 Mirrors mmdet's tools/test.py: the config's test loop is replaced by
 qdrop_mm's PTQLoop, which calibrates on the train split, reconstructs the
 backbone and neck block by block, saves work_dir/quantized.pth, then runs
 the standard evaluator and writes work_dir/ptq_report.json.
+
+After every finished unit the state is saved in work_dir/ptq_resume; a run
+that was killed continues with ``--resume`` (same config and options) and
+gives the same quantized weights as an uninterrupted run. Problems with the
+config, checkpoint, data or work dir, and a NaN/inf reconstruction loss,
+print ``error: <message>`` and exit with status 1 (no traceback).
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--checkpoint', help='FP checkpoint (path or URL); default: the config\'s load_from')
     p.add_argument('--work-dir', help='where quantized.pth, ptq_report.json and logs go')
     p.add_argument('--load-quantized', metavar='FILE', help='evaluate a saved quantized model, no reconstruction')
+    p.add_argument('--resume', action='store_true',
+                   help='continue an interrupted run from the last finished unit saved in WORK_DIR/ptq_resume')
     p.add_argument('--allow-unsafe-checkpoint', action='store_true',
                    help='load checkpoints with full unpickling (only for files you trust)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys, e.g. ptq.w_bits=2')
@@ -36,11 +44,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_cfg(args: argparse.Namespace):
-    """Load and check the config; every problem found here fails before the model is built."""
+    """Load and check the config; every problem found here fails before the model is built.
+
+    Raises ``ValueError`` (``PTQConfigError``) with a one-line message naming the key / option.
+    """
     from mmengine.config import Config
     from qdrop_mm.openmmlab import PTQSettings
+    from qdrop_mm.openmmlab.calibration import check_dataset_paths, check_evaluator_paths
+    from qdrop_mm.openmmlab.settings import PTQConfigError
     if not osp.isfile(args.config):
-        raise SystemExit(f'error: config file not found: {args.config}')
+        raise PTQConfigError(f'config file not found: {args.config}')
+    if args.resume and args.load_quantized:
+        raise PTQConfigError('--resume and --load-quantized exclude each other: --resume continues a '
+                             'reconstruction, --load-quantized only evaluates a saved model')
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -54,31 +70,72 @@ def build_cfg(args: argparse.Namespace):
         cfg.load_from = args.checkpoint
     if args.load_quantized:
         if not osp.isfile(args.load_quantized):
-            raise SystemExit(f'error: --load-quantized file not found: {args.load_quantized}')
+            raise PTQConfigError(f'--load-quantized file not found: {args.load_quantized}')
         cfg.load_from = None
     elif not cfg.get('load_from'):
-        raise SystemExit('error: no FP checkpoint: pass --checkpoint or set load_from in the config '
-                         '(quantizing random weights is never what you want)')
-    elif '://' not in cfg.load_from and not osp.isfile(cfg.load_from):
-        raise SystemExit(f'error: checkpoint not found: {cfg.load_from}')
-    os.makedirs(cfg.work_dir, exist_ok=True)
-    if not os.access(cfg.work_dir, os.W_OK):
-        raise SystemExit(f'error: work dir is not writable: {cfg.work_dir}')
-    cfg.test_cfg = dict(type='qdrop_mm.PTQLoop', ptq=cfg.get('ptq', {}), load_quantized=args.load_quantized)
+        raise PTQConfigError('no FP checkpoint: pass --checkpoint or set load_from in the config '
+                             '(quantizing random weights is never what you want)')
+    elif '://' not in cfg.load_from:
+        if not osp.isfile(cfg.load_from):
+            raise PTQConfigError(f'--checkpoint / load_from: checkpoint not found: {cfg.load_from} '
+                                 f'(must be an existing file or a URL)')
+        try:
+            with open(cfg.load_from, 'rb') as f:
+                head = f.read(4)
+        except OSError as err:
+            raise PTQConfigError(f'--checkpoint / load_from: cannot read {cfg.load_from}: {err.strerror}') from None
+        if not (head.startswith(b'PK\x03\x04') or head.startswith(b'\x80')):  # torch.save: zip, or legacy pickle
+            raise PTQConfigError(f'--checkpoint / load_from: {cfg.load_from} is not a PyTorch checkpoint '
+                                 f'(must be a file written by torch.save, e.g. an mmdet/mmseg model-zoo .pth)')
+    if not args.load_quantized and cfg.get('train_dataloader') is not None:
+        check_dataset_paths(cfg.train_dataloader.get('dataset'), 'train_dataloader.dataset')
+    if cfg.get('test_dataloader') is not None:
+        check_dataset_paths(cfg.test_dataloader.get('dataset'), 'test_dataloader.dataset')
+    if cfg.get('test_evaluator') is not None:
+        check_evaluator_paths(cfg.test_evaluator)
+    _check_work_dir(cfg.work_dir)
+    cfg.test_cfg = dict(type='qdrop_mm.PTQLoop', ptq=cfg.get('ptq', {}), load_quantized=args.load_quantized,
+                        resume=bool(args.resume))
     return cfg
 
 
+def _check_work_dir(work_dir: str) -> None:
+    """Create the work dir and prove it is writable by writing a file (os.access lies for root)."""
+    import tempfile
+    from qdrop_mm.openmmlab.settings import PTQConfigError
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=work_dir):
+            pass
+    except OSError as err:
+        raise PTQConfigError(f'--work-dir / work_dir {work_dir} is not a writable folder ({err.strerror or err}); '
+                             f'pass --work-dir with a folder you can write to') from None
+
+
 def main(argv=None) -> dict:
+    """Run PTQ; a user-fixable problem raises ``SystemExit('error: <message>')`` (exit status 1)."""
     args = parse_args(argv)
     from mmengine.runner import Runner
     from qdrop_mm.openmmlab import install_safe_mmengine_loading
+    from qdrop_mm.openmmlab.checkpoint import UnreadableCheckpointError, UnsafeCheckpointError
+    from qdrop_mm.openmmlab.settings import PTQError
     try:
         cfg = build_cfg(args)
     except ValueError as err:
         raise SystemExit(f'error: {err}') from None
     install_safe_mmengine_loading(allow_unsafe=args.allow_unsafe_checkpoint)
-    runner = Runner.from_cfg(cfg)
-    return runner.test()
+    runner = None
+    try:
+        runner = Runner.from_cfg(cfg)
+        return runner.test()
+    except PTQError as err:
+        message = str(err)
+        if isinstance(err, (UnreadableCheckpointError, UnsafeCheckpointError)) and cfg.get('load_from') \
+                and str(cfg.load_from) in message:
+            message = f'--checkpoint / load_from: {message}'
+        if runner is not None:
+            runner.logger.error(f'error: {message}')
+        raise SystemExit(f'error: {message}') from None
 
 
 if __name__ == '__main__':

@@ -2,21 +2,22 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List
+import os.path as osp
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from mmengine.config import ConfigDict
 from mmengine.runner import Runner
 from torch import nn
 
-from .settings import PTQSettings
+from .settings import PTQConfigError, PTQSettings
 
 
 def calibration_dataloader_cfg(cfg: ConfigDict, settings: PTQSettings) -> Dict[str, Any]:
     """The train dataloader config, re-batched for calibration and shuffled with the PTQ seed."""
     if 'train_dataloader' not in cfg or cfg.train_dataloader is None:
-        raise ValueError('the config has no train_dataloader: calibration uses the train split '
-                         '(never val); define train_dataloader or inherit it from an mmdet/mmseg base config')
+        raise PTQConfigError('the config has no train_dataloader: calibration uses the train split '
+                             '(never val); define train_dataloader or inherit it from an mmdet/mmseg base config')
     dl = copy.deepcopy(cfg.train_dataloader)
     dl['batch_size'] = settings.batch_size
     dl['num_workers'] = settings.calib_num_workers
@@ -27,12 +28,18 @@ def calibration_dataloader_cfg(cfg: ConfigDict, settings: PTQSettings) -> Dict[s
 
 
 def build_calibration_batches(cfg: ConfigDict, settings: PTQSettings) -> List[dict]:
-    """``settings.num_images`` train images through the train pipeline, in batches of ``batch_size``."""
+    """``settings.num_images`` train images through the train pipeline, in batches of ``batch_size``.
+
+    Deterministic for a given ``ptq.seed``: the sampler is seeded, dataloader workers are seeded by
+    mmengine from the same seed, and the caller seeds the main process' RNGs (random transforms
+    such as RandomFlip run there when ``calib_num_workers`` is 0).
+    """
+    if cfg.get('train_dataloader') is not None:
+        check_dataset_paths(cfg.train_dataloader.get('dataset'), 'train_dataloader.dataset')
     loader = Runner.build_dataloader(calibration_dataloader_cfg(cfg, settings), seed=settings.seed)
     available = len(loader.dataset)
     if available < settings.num_images:
-        raise ValueError(f'ptq.num_images={settings.num_images} but the train split has only {available} images '
-                         f'(data_root={cfg.train_dataloader.dataset.get("data_root")!r}); lower ptq.num_images')
+        raise PTQConfigError(_too_few(cfg, settings, available))
     batches, seen = [], 0
     for batch in loader:
         take = min(len(batch['inputs']), settings.num_images - seen)
@@ -40,7 +47,64 @@ def build_calibration_batches(cfg: ConfigDict, settings: PTQSettings) -> List[di
         seen += take
         if seen >= settings.num_images:
             break
+    if seen < settings.num_images:
+        raise PTQConfigError(_too_few(cfg, settings, seen))
     return batches
+
+
+def _too_few(cfg: ConfigDict, settings: PTQSettings, available: int) -> str:
+    root = (cfg.train_dataloader.get('dataset') or {}).get('data_root')
+    return (f'ptq.num_images={settings.num_images} but the train split (train_dataloader.dataset, '
+            f'data_root={root!r}) yields only {available} images; ptq.num_images must be from 1 to {available}')
+
+
+def _is_remote(path: str) -> bool:
+    return '://' in path
+
+
+def _join(root: Optional[str], path: str) -> str:
+    return path if root is None or osp.isabs(path) or _is_remote(path) else osp.join(root, path)
+
+
+def check_dataset_paths(dataset: Any, key: str) -> None:
+    """Fail early, naming the config key, when a dataset's data_root, ann_file or image folder is missing.
+
+    Follows wrapped datasets (``dataset`` / ``datasets`` of RepeatDataset, ConcatDataset, ...). Paths
+    are resolved like mmengine's BaseDataset: relative ones under data_root; remote ones are skipped.
+    """
+    if not isinstance(dataset, Mapping):
+        return
+    if isinstance(dataset.get('dataset'), Mapping):
+        check_dataset_paths(dataset['dataset'], f'{key}.dataset')
+    if isinstance(dataset.get('datasets'), (list, tuple)):
+        for i, sub in enumerate(dataset['datasets']):
+            check_dataset_paths(sub, f'{key}.datasets.{i}')
+    root = dataset.get('data_root')
+    if isinstance(root, str) and root and not _is_remote(root) and not osp.isdir(root):
+        raise PTQConfigError(f'{key}.data_root: directory not found: {root!r} (must be an existing folder; '
+                             f'set it with --cfg-options {key}.data_root=DIR)')
+    root = root if isinstance(root, str) and root else None
+    ann = dataset.get('ann_file')
+    if isinstance(ann, str) and ann and not _is_remote(_join(root, ann)) and not osp.isfile(_join(root, ann)):
+        raise PTQConfigError(f'{key}.ann_file: file not found: {_join(root, ann)!r} (must be an existing file, '
+                             f'relative to data_root={root!r})')
+    prefix = dataset.get('data_prefix')
+    if isinstance(prefix, Mapping):
+        for name in ('img', 'img_path'):
+            sub = prefix.get(name)
+            if isinstance(sub, str) and sub and not _is_remote(_join(root, sub)) and not osp.isdir(_join(root, sub)):
+                raise PTQConfigError(f'{key}.data_prefix.{name}: image folder not found: {_join(root, sub)!r} '
+                                     f'(must be an existing folder, relative to data_root={root!r})')
+
+
+def check_evaluator_paths(evaluator: Any, key: str = 'test_evaluator') -> None:
+    """The evaluator's ground-truth file (e.g. CocoMetric's ann_file) must exist before hours of PTQ."""
+    items = evaluator if isinstance(evaluator, (list, tuple)) else [evaluator]
+    for i, ev in enumerate(items):
+        ann = ev.get('ann_file') if isinstance(ev, Mapping) else None
+        name = key if len(items) == 1 else f'{key}.{i}'
+        if isinstance(ann, str) and ann and not _is_remote(ann) and not osp.isfile(ann):
+            raise PTQConfigError(f'{name}.ann_file: file not found: {ann!r} (must be an existing file)')
 
 
 def feature_forward(model: nn.Module, batch: dict) -> Any:

@@ -15,11 +15,35 @@ from __future__ import annotations
 import codecs
 import os
 import pickle
+import re
 import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
+from torch import nn
+
+from .settings import PTQConfigError, PTQError
+
+
+class CheckpointNotFoundError(PTQConfigError, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+class UnreadableCheckpointError(PTQConfigError):
+    """The file exists but is not a readable PyTorch checkpoint (truncated, corrupted, not a checkpoint)."""
+
+
+class UnsafeCheckpointError(PTQError, RuntimeError):
+    """The checkpoint pickles objects beyond the allow-list; needs --allow-unsafe-checkpoint."""
+
+
+class CheckpointMismatchError(PTQConfigError):
+    """The checkpoint's keys or shapes do not fit the model."""
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """Raised by the restricted unpickler for a global that is not allow-listed."""
 
 
 def _numpy_safe_globals() -> List[Any]:
@@ -43,7 +67,7 @@ def mmengine_safe_globals() -> List[Any]:
 def _history_buffer_getattr(obj: Any, name: str) -> Any:
     from mmengine.logging.history_buffer import HistoryBuffer
     if obj is not HistoryBuffer or name.startswith('_') or name not in vars(HistoryBuffer):
-        raise pickle.UnpicklingError(f'getattr({obj!r}, {name!r}) is not allowed in a checkpoint')
+        raise _RefusedGlobal(f'getattr({obj!r}, {name!r}) is not allowed in a checkpoint')
     return getattr(obj, name)
 
 
@@ -56,7 +80,7 @@ class _RunnerCheckpointUnpickler(pickle.Unpickler):
         allowed = _allowed_globals()
         key = f'{module}.{name}'
         if key not in allowed:
-            raise pickle.UnpicklingError(f'Unsupported global: {key} is not allow-listed')
+            raise _RefusedGlobal(f'Unsupported global: {key} is not allow-listed')
         return allowed[key]
 
 
@@ -81,22 +105,37 @@ class _RunnerPickleModule:
 
 
 def safe_load(path: str, map_location: Any = 'cpu', allow_unsafe: bool = False) -> Any:
-    """Load a checkpoint resolving only allow-listed types; ``allow_unsafe`` for trusted files only."""
+    """Load a checkpoint resolving only allow-listed types; ``allow_unsafe`` for trusted files only.
+
+    A missing file raises :class:`CheckpointNotFoundError`, a file torch cannot read (truncated,
+    corrupted, not a checkpoint) :class:`UnreadableCheckpointError`, a file with other pickled
+    objects :class:`UnsafeCheckpointError`; all carry a one-line message.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    if allow_unsafe:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        raise CheckpointNotFoundError(f'checkpoint not found: {path}')
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    try:
+        if allow_unsafe:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            pass
         return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_RunnerPickleModule)
-    except pickle.UnpicklingError as err:
-        raise RuntimeError(
+    except _RefusedGlobal as err:
+        raise UnsafeCheckpointError(
             f'{path} contains pickled objects beyond tensors and known mmengine types, so it was not loaded '
             f'(loading it could run arbitrary code). If you trust this file, pass --allow-unsafe-checkpoint. '
             f'Details: {err}') from None
+    except (OSError, EOFError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError, UnicodeDecodeError,
+            AttributeError, ImportError, IndexError, TypeError) as err:
+        raise UnreadableCheckpointError(
+            f'cannot read checkpoint {path}: not a PyTorch checkpoint or damaged '
+            f'({type(err).__name__}: {_first_line(err)})') from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else repr(err)
 
 
 def install_safe_mmengine_loading(allow_unsafe: bool = False) -> None:
@@ -116,6 +155,7 @@ def atomic_save(obj: Any, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth', dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -126,5 +166,52 @@ def atomic_save(obj: Any, path: str) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def quantized_checkpoint(state_dict: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:
     return {'state_dict': state_dict, 'meta': meta}
+
+
+IGNORED_KEY_SUFFIXES = ('num_batches_tracked',)
+
+
+def checkpoint_state_dict(checkpoint: Any) -> Dict[str, Any]:
+    """The model weights of a loaded checkpoint, keys revised like mmengine (``module.`` prefix dropped)."""
+    state = checkpoint.get('state_dict', checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state, dict):
+        raise CheckpointMismatchError(f'the checkpoint holds a {type(state).__name__}, not a state dict')
+    return {re.sub(r'^module\.', '', k): v for k, v in state.items()}
+
+
+def state_dict_mismatch(model: nn.Module, state: Dict[str, Any]) -> Tuple[List[str], List[str], List[str]]:
+    """(missing, unexpected, shape-mismatched) keys of ``state`` against ``model``; BN counters ignored."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(IGNORED_KEY_SUFFIXES)}
+    given = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEY_SUFFIXES)}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = sorted(f'{k}: checkpoint {tuple(getattr(given[k], "shape", ()))} vs model {expected[k]}'
+                    for k in set(expected) & set(given)
+                    if tuple(getattr(given[k], 'shape', ())) != expected[k])
+    return missing, unexpected, shapes
+
+
+def check_checkpoint_fits(model: nn.Module, checkpoint: Any, source: str) -> None:
+    """Fail (with counts and a few example keys) when a checkpoint's weights do not fit ``model``.
+
+    mmengine loads ``load_from`` non-strictly and only warns; quantizing a half-random model is
+    never what a user wants, so any missing, unexpected or wrongly shaped key is an error.
+    """
+    missing, unexpected, shapes = state_dict_mismatch(model, checkpoint_state_dict(checkpoint))
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for what, keys in (('missing', missing), ('unexpected', unexpected), ('shape-mismatched', shapes)):
+        if keys:
+            parts.append(f'{len(keys)} {what} key{"s" if len(keys) != 1 else ""} (e.g. {keys[:3]})')
+    raise CheckpointMismatchError(
+        f'checkpoint {source} (--checkpoint / load_from) does not fit the {type(model).__name__} built from the '
+        f'config: {", ".join(parts)}; use the checkpoint trained with this config')

@@ -4,39 +4,69 @@
 calibrates and reconstructs the model with the config's ``ptq`` settings
 (or loads a saved quantized model), saves ``quantized.pth``, then runs the
 standard test loop and evaluator unchanged and writes ``ptq_report.json``.
+
+Reliability:
+
+- Cheap checks first: the ``ptq`` settings, the quantization scope, the FP
+  checkpoint's keys against the model, the data paths; each failure is a
+  :class:`~qdrop_mm.openmmlab.settings.PTQError` with a one-line message.
+- Resume: after calibration and after every finished (stage, unit) the state
+  is saved in ``<work_dir>/ptq_resume`` (see :mod:`.resume`);
+  ``resume=True`` (``tools/ptq.py --resume``) continues from the last
+  finished unit and gives the same weights as an uninterrupted run.
+- Determinism: torch, numpy and python's ``random`` are seeded from
+  ``ptq.seed`` before the calibration data is built (random train
+  transforms such as RandomFlip draw from them) and again before
+  reconstruction. The core draws random numbers only inside a unit's
+  reconstruction (cache sampling, input mixing, drop masks), so the RNG
+  states saved after each unit and restored on resume make the remaining
+  units draw exactly what an uninterrupted run draws.
+- A NaN/inf reconstruction loss stops the run with the unit and iteration;
+  the finished units stay saved for ``--resume``.
 """
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
+from mmengine.dist import all_gather_object, get_rank, get_world_size, is_main_process
+from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop
 from mmengine.utils import ProgressBar
 
-from qdrop_mm.core import PTQCallbacks, Unit, UnitRecord, run_ptq
+from qdrop_mm.core import NonFiniteLossError, PTQCallbacks, PTQResult, Unit, UnitRecord, run_ptq
+from qdrop_mm.core.methods import MethodConfig
 
 from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
-from .block_plan import ModelPlan, plan_model
-from .calibration import build_calibration_batches, feature_forward, num_images
-from .checkpoint import atomic_save, quantized_checkpoint, safe_load
+from .block_plan import ModelPlan, plan_model, resolve_scope
+from .calibration import build_calibration_batches, check_dataset_paths, feature_forward, num_images
+from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
 from .registry import LOOPS
 from .report import build_report, format_summary, unit_bits, write_report
-from .settings import PTQSettings
+from .resume import (ResumeStateError, ResumeStore, batches_digest, checkpoint_identity, compare_fingerprints,
+                     load_scope_state, module_state_dict, record_from_dict, record_to_dict, scope_state_dict,
+                     rng_state, seed_everything, set_rng_state)
+from .settings import PTQConfigError, PTQError, PTQSettings
 
 QUANTIZED_FILE = 'quantized.pth'
 REPORT_FILE = 'ptq_report.json'
 
 
+class NonFiniteUnitError(PTQError, FloatingPointError):
+    """A unit's reconstruction loss became NaN/inf; the finished units are kept for --resume."""
+
+
 class LoggingCallbacks(PTQCallbacks):
     """mmengine-style log lines per phase and unit, with a progress bar per unit."""
 
-    def __init__(self, logger, num_units: int, num_stages: int) -> None:
+    def __init__(self, logger, num_units: int, num_stages: int, units: Optional[Sequence[Unit]] = None) -> None:
         self.logger = logger
         self.num_units = num_units
         self.num_stages = num_stages
+        self._position = {u.name: i for i, u in enumerate(units or [])}
         self._bar: Optional[ProgressBar] = None
         self._done = 0
         self._index = 0
@@ -45,7 +75,8 @@ class LoggingCallbacks(PTQCallbacks):
         self.logger.info(f'calibrating {num_quantizers} activation quantizers (L2.4 range search on FP activations)')
 
     def before_unit(self, stage_idx: int, unit: Unit) -> None:
-        self._index = self._index % self.num_units + 1
+        self._index = self._position[unit.name] + 1 if unit.name in self._position else \
+            self._index % self.num_units + 1
         bits = unit_bits(unit)
         self.logger.info(f'[stage {stage_idx + 1}/{self.num_stages}] unit {self._index}/{self.num_units} '
                          f'{unit.name} ({unit.kind}, w{bits["w_bits"]} a{bits["a_bits"]})')
@@ -63,74 +94,247 @@ class LoggingCallbacks(PTQCallbacks):
                          f'({r.iters} it, {r.seconds:.1f} s, cache {record.cache_bytes / 2 ** 20:.1f} MiB)')
 
 
+class ResumableCallbacks(LoggingCallbacks):
+    """Logging plus: skipping restored units, saving the resume state after calibration and each unit."""
+
+    def __init__(self, logger, units: Sequence[Unit], method: MethodConfig, settings: PTQSettings,
+                 store: ResumeStore, manifest: Dict[str, Any], model: torch.nn.Module,
+                 finished: Set[Tuple[int, str]], restored: List[UnitRecord]) -> None:
+        super().__init__(logger, len(units), len(method.stages), units)
+        self.method, self.settings, self.store, self.model = method, settings, store, model
+        self.units = list(units)
+        self.manifest = manifest
+        self.finished = finished
+        self.records = list(restored)
+        self.current: Optional[Tuple[int, Unit]] = None
+
+    def before_calibration(self, num_quantizers: int) -> None:
+        if self.manifest.get('calibrated'):
+            self.logger.info(f'{num_quantizers} activation quantizers restored from the resume state (calibrated)')
+        else:
+            super().before_calibration(num_quantizers)
+
+    def after_calibration(self) -> None:
+        if not self.manifest.get('calibrated'):
+            self.manifest['calibrated'] = True
+            rngs = all_gather_object(rng_state())  # collective: every rank calls it
+            state = scope_state_dict(self.model, self.settings.scope) if self.store.writer else {}
+            self.store.save('calibration', state, self.manifest, rngs)
+            self.manifest = dict(self.store.manifest)
+
+    def should_skip(self, stage_idx: int, unit: Unit) -> bool:
+        return (stage_idx, unit.name) in self.finished
+
+    def before_unit(self, stage_idx: int, unit: Unit) -> None:
+        super().before_unit(stage_idx, unit)
+        self.current = (stage_idx, unit)
+
+    def after_unit(self, record: UnitRecord) -> None:
+        super().after_unit(record)
+        self.records.append(record)
+        self.finished.add((record.stage, record.name))
+        self.manifest['finished'] = self.manifest.get('finished', []) + [[record.stage, record.name]]
+        self.manifest['records'] = self.manifest.get('records', []) + [record_to_dict(record)]
+        unit = self.current[1] if self.current else next(u for u in self.units if u.name == record.name)
+        rngs = all_gather_object(rng_state())  # collective: every rank calls it
+        state = module_state_dict(self.model, unit.module) if self.store.writer else {}
+        self.store.save('unit', state, self.manifest, rngs)
+        self.manifest = dict(self.store.manifest)
+        self.current = None
+        if all((record.stage, u) in self.finished for u in self._position):
+            self.logger.info(f'stage {record.stage + 1}/{self.num_stages} done; resume state in {self.store.dir}')
+
+
+class _CheckpointFitHook(Hook):
+    """Checks the FP checkpoint's keys against the model when mmengine loads ``load_from``."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, loop: 'PTQLoop') -> None:
+        self.loop = loop
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.loop.load_quantized is None:
+            check_checkpoint_fits(self.loop.model, checkpoint, str(getattr(runner, '_load_from', None)))
+
+
 @LOOPS.register_module()
 class PTQLoop(TestLoop):
     """Quantize (or load a quantized model), then evaluate like ``TestLoop``."""
 
     def __init__(self, runner, dataloader, evaluator, fp16: bool = False, ptq: Optional[dict] = None,
-                 load_quantized: Optional[str] = None) -> None:
+                 load_quantized: Optional[str] = None, resume: bool = False) -> None:
         super().__init__(runner, dataloader, evaluator, fp16)
         self.settings = PTQSettings.from_cfg(ptq if ptq is not None else runner.cfg.get('ptq', {}))
         self.load_quantized = load_quantized
+        self.resume = resume
+        if resume and load_quantized:
+            raise PTQConfigError('resume and load_quantized exclude each other: --resume continues a '
+                                 'reconstruction, --load-quantized skips it')
         self.plan: Optional[ModelPlan] = None
+        self.store = ResumeStore(runner.work_dir, writer=is_main_process())
+        self.resumed_units = 0
+        runner.register_hook(_CheckpointFitHook(self))
 
     @property
     def model(self) -> torch.nn.Module:
         model = self.runner.model
         return model.module if is_model_wrapper(model) else model
 
+    def preflight(self) -> None:
+        """Checks that need the built model but no data: scope, FP weights loaded, train data paths."""
+        try:
+            resolve_scope(self.model, self.settings.scope)
+        except ValueError as err:
+            raise PTQConfigError(str(err)) from None
+        cfg = self.runner.cfg
+        if cfg.get('train_dataloader') is not None:
+            check_dataset_paths(cfg.train_dataloader.get('dataset'), 'train_dataloader.dataset')
+
     def quantize(self) -> Dict[str, Any]:
-        """Calibrate and reconstruct in place; returns timings and the core's result."""
-        logger, settings, model = self.runner.logger, self.settings, self.model
+        """Calibrate and reconstruct in place (continuing a saved run when resuming)."""
+        logger, settings, model, store = self.runner.logger, self.settings, self.model, self.store
         method = settings.build_method()
+        manifest = self._start_or_resume()
         t0 = time.perf_counter()
-        torch.manual_seed(settings.seed)
+        seed_everything(settings.seed)
         batches = build_calibration_batches(self.runner.cfg, settings)
         logger.info(f'calibration: {num_images(batches)} train images in {len(batches)} batches of '
                     f'{settings.batch_size}, input shapes {sorted({tuple(b["inputs"][0].shape) for b in batches})[:3]}')
         t1 = time.perf_counter()
         model.eval()
-        self.plan = plan_model(model, settings, lambda: feature_forward(model, batches[0]))
+        try:
+            self.plan = plan_model(model, settings, lambda: feature_forward(model, batches[0]))
+        except ValueError as err:
+            raise PTQConfigError(str(err)) from None
         logger.info(f'block plan: {len(self.plan.units)} units in {list(settings.scope)} '
                     f'({sum(u.kind == "block" for u in self.plan.units)} blocks); method {method.name}, '
                     f'{len(method.stages)} stage(s)')
         if self.plan.uncalled:
             logger.warning(f'not on the feature path, quantized by rounding only: {self.plan.uncalled}')
-        torch.manual_seed(settings.seed)
-        callbacks = LoggingCallbacks(logger, len(self.plan.units), len(method.stages))
-        result = run_ptq(model, self.plan.units, batches, feature_forward, method, callbacks)
+        fingerprint = {'settings': settings.to_dict(), 'units': [u.name for u in self.plan.units],
+                       'checkpoint': checkpoint_identity(getattr(self.runner, '_load_from', None)),
+                       'world_size': get_world_size(), 'calibration': all_gather_object(batches_digest(batches))}
+        if manifest:
+            finished, restored = self._restore(manifest, fingerprint)
+            manifest = dict(store.manifest)
+        else:
+            finished, restored = set(), []
+            seed_everything(settings.seed)
+            manifest = {'status': 'running', 'fingerprint': fingerprint, 'num_stages': len(method.stages),
+                        'calibrated': False, 'finished': [], 'records': []}
+        for name in (QUANTIZED_FILE, REPORT_FILE):  # a failed run must not leave an earlier run's results behind
+            path = os.path.join(self.runner.work_dir, name)
+            if is_main_process() and os.path.exists(path):
+                os.unlink(path)
+                logger.info(f'removed {path} of an earlier run')
+        callbacks = ResumableCallbacks(logger, self.plan.units, method, settings, store, manifest, model,
+                                       finished, restored)
+        try:
+            result = run_ptq(model, self.plan.units, batches, feature_forward, method, callbacks)
+        except NonFiniteLossError as err:
+            raise self._non_finite(err, callbacks, method) from None
+        result = PTQResult(result.method, sorted(callbacks.records, key=self._record_order))
         t2 = time.perf_counter()
         path = os.path.join(self.runner.work_dir, QUANTIZED_FILE)
         meta = {'ptq': settings.to_dict(), 'method': method.to_dict(),
                 'units': [u.name for u in self.plan.units]}
-        atomic_save(quantized_checkpoint(model.state_dict(), meta), path)
+        if is_main_process():
+            atomic_save(quantized_checkpoint(model.state_dict(), meta), path)
+        store.update(status='complete')
         logger.info(f'saved quantized model to {path}')
         return {'result': result, 'timings': {'calibration_data': t1 - t0, 'reconstruction': t2 - t1}}
+
+    def _start_or_resume(self) -> Optional[Dict[str, Any]]:
+        logger, store = self.runner.logger, self.store
+        if not self.resume:
+            if store.clear():
+                logger.warning(f'removed the resume state of an earlier run in {store.dir} '
+                               f'(pass --resume to continue an interrupted run instead)')
+            return None
+        manifest = store.read_manifest()
+        if manifest is None:
+            logger.warning(f'--resume: no resume state in {store.dir}; starting from the beginning')
+        return manifest
+
+    def _restore(self, manifest: Dict[str, Any], fingerprint: Dict[str, Any]
+                 ) -> Tuple[Set[Tuple[int, str]], List[UnitRecord]]:
+        """Check the saved run matches this one, load its quantized state and RNG states."""
+        logger, store = self.runner.logger, self.store
+        blocking, allowed = compare_fingerprints(manifest.get('fingerprint', {}), fingerprint)
+        if blocking:
+            raise ResumeStateError(f'the resume state in {store.dir} belongs to a different run: '
+                                   f'{"; ".join(blocking)}. Run with the same settings, or without --resume '
+                                   f'to start over')
+        if allowed:
+            logger.warning(f'resuming with changed settings (finished units keep the old ones): {allowed}')
+        states = store.load_states(manifest)
+        load_scope_state(self.model, [s['state_dict'] for s in states], self.settings.scope, store.dir)
+        rngs = states[-1]['rng']
+        set_rng_state(rngs[get_rank()] if isinstance(rngs, list) else rngs)
+        store.manifest = dict(manifest, fingerprint=fingerprint, status='running')
+        finished = {(int(s), n) for s, n in manifest.get('finished', [])}
+        restored = [record_from_dict(d) for d in manifest.get('records', [])]
+        self.resumed_units = len(finished)
+        logger.info(f'resuming from {store.dir}: {len(finished)} finished unit(s) restored '
+                    f'(last: {manifest["finished"][-1][1] if finished else "calibration only"})')
+        return finished, restored
+
+    def _record_order(self, rec: UnitRecord) -> Tuple[int, int]:
+        names = [u.name for u in self.plan.units]
+        return rec.stage, names.index(rec.name) if rec.name in names else len(names)
+
+    def _non_finite(self, err: NonFiniteLossError, callbacks: ResumableCallbacks,
+                    method: MethodConfig) -> NonFiniteUnitError:
+        stage_idx, unit = callbacks.current if callbacks.current else (0, None)
+        name = unit.name if unit is not None else '?'
+        index = callbacks._position.get(name, -1) + 1
+        iters = method.stages[stage_idx].iters if method.stages else '?'
+        done = len(callbacks.finished)
+        message = (f'non-finite reconstruction loss ({err.value}) in unit {name} '
+                   f'(stage {stage_idx + 1}/{len(method.stages)}, unit {index}/{len(self.plan.units)}) at iteration '
+                   f'{err.iteration + 1}/{iters}; {done} finished unit(s) are saved in {self.store.dir}: fix the '
+                   f'cause (e.g. lower ptq.method_options.w_lr / a_lr, check the FP checkpoint for NaN/inf '
+                   f'weights) and continue with --resume')
+        self.store.update(last_error=message)
+        return NonFiniteUnitError(message)
 
     def load(self, path: str) -> Dict[str, Any]:
         """Rebuild the quantized structure and load a saved quantized state dict."""
         ckpt = safe_load(path)
         if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
-            raise ValueError(f'{path} is not a qdrop_mm quantized checkpoint (no state_dict)')
+            raise PTQConfigError(f'{path} is not a qdrop_mm quantized checkpoint (no state_dict)')
         saved = ckpt.get('meta', {}).get('ptq')
         if saved is not None:
             self.settings = PTQSettings.from_cfg(saved)
-        self.plan = plan_model(self.model, self.settings)
+        try:
+            self.plan = plan_model(self.model, self.settings)
+        except ValueError as err:
+            raise PTQConfigError(f'{path}: {err}') from None
         missing, unexpected = self.model.load_state_dict(ckpt['state_dict'], strict=False)
         if missing or unexpected:
-            raise ValueError(f'{path} does not fit this model: {len(missing)} missing keys (e.g. {missing[:3]}), '
-                             f'{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})')
+            raise PTQConfigError(f'{path} does not fit this model: {len(missing)} missing keys (e.g. {missing[:3]}), '
+                                 f'{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})')
         self.runner.logger.info(f'loaded quantized model from {path}')
         return {'result': None, 'timings': {}}
 
     def run(self) -> dict:
         t0 = time.perf_counter()
-        done = self.load(self.load_quantized) if self.load_quantized else self.quantize()
+        if self.load_quantized:
+            done = self.load(self.load_quantized)
+        else:
+            self.preflight()
+            done = self.quantize()
         t1 = time.perf_counter()
         metrics = super().run()
         timings = dict(done['timings'], evaluation=time.perf_counter() - t1, total=time.perf_counter() - t0)
-        report = build_report(self.settings, self.plan.units, done['result'], metrics, timings,
-                              extra={'loaded_from': self.load_quantized})
-        write_report(report, os.path.join(self.runner.work_dir, REPORT_FILE))
+        extra: Dict[str, Any] = {'loaded_from': self.load_quantized}
+        if not self.load_quantized:
+            extra['resumed_units'] = self.resumed_units
+        report = build_report(self.settings, self.plan.units, done['result'], metrics, timings, extra=extra)
+        if is_main_process():
+            write_report(report, os.path.join(self.runner.work_dir, REPORT_FILE))
         self.runner.logger.info('\n' + format_summary(report))
+        if not self.load_quantized and self.store.clear():
+            self.runner.logger.info(f'run complete: removed the resume state {self.store.dir}')
         return metrics

@@ -5,6 +5,7 @@ config fails before any heavy work.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -12,17 +13,25 @@ from qdrop_mm.core.fake_quant import MAX_BITS, MIN_BITS
 from qdrop_mm.core.methods import METHODS, TUNABLE_STAGE_OPTIONS, MethodConfig, build_method
 
 
+class PTQError(Exception):
+    """A problem the user can fix (bad config, data, checkpoint or a failed unit): shown as one line."""
+
+
+class PTQConfigError(PTQError, ValueError):
+    """A config key, path or checkpoint that does not fit; the message names the key and what is allowed."""
+
+
 def _bits(key: str, value: Any, allow_none: bool = False) -> Optional[int]:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-        raise ValueError(f'ptq.{key} must be an integer from {MIN_BITS} to {MAX_BITS}, got {value!r}')
+        raise PTQConfigError(f'ptq.{key} must be an integer from {MIN_BITS} to {MAX_BITS}, got {value!r}')
     return value
 
 
 def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f'ptq.{key} must be a positive integer, got {value!r}')
+        raise PTQConfigError(f'ptq.{key} must be a positive integer, got {value!r}')
     return value
 
 
@@ -62,10 +71,10 @@ class PTQSettings:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise ValueError(f'unknown ptq key(s) {unknown}; allowed keys: {sorted(known)}')
+            raise PTQConfigError(f'unknown ptq key(s) {unknown}; allowed keys: {sorted(known)}')
         method = cfg.get('method', cls.method)
         if method not in METHODS:
-            raise ValueError(f'ptq.method must be one of {sorted(METHODS)}, got {method!r}')
+            raise PTQConfigError(f'ptq.method must be one of {sorted(METHODS)}, got {method!r}')
         kw: Dict[str, Any] = dict(cfg)
         kw['w_bits'] = _bits('w_bits', cfg.get('w_bits', cls.w_bits))
         kw['a_bits'] = _bits('a_bits', cfg.get('a_bits', cls.a_bits))
@@ -73,28 +82,41 @@ class PTQSettings:
                                        allow_none=True)
         p = cfg.get('drop_prob', cls.drop_prob)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise ValueError(f'ptq.drop_prob must be a number in [0, 1] (probability of keeping '
+            raise PTQConfigError(f'ptq.drop_prob must be a number in [0, 1] (probability of keeping '
                              f'quantization), got {p!r}')
         for key in ('iters', 'act_iters', 'num_images', 'batch_size'):
             kw[key] = _positive_int(key, cfg.get(key, getattr(cls, key)))
+        seed = cfg.get('seed', cls.seed)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+            raise PTQConfigError(f'ptq.seed must be an integer from 0 to {2 ** 32 - 1}, got {seed!r}')
+        if not isinstance(cfg.get('quantize_fpn_outputs', False), bool):
+            raise PTQConfigError(f'ptq.quantize_fpn_outputs must be True or False, '
+                                 f'got {cfg.get("quantize_fpn_outputs")!r}')
         workers = cfg.get('calib_num_workers', cls.calib_num_workers)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ValueError(f'ptq.calib_num_workers must be an integer >= 0, got {workers!r}')
+            raise PTQConfigError(f'ptq.calib_num_workers must be an integer >= 0, got {workers!r}')
         scope = cfg.get('scope', cls.scope)
         if isinstance(scope, str):
             scope = (scope,)
         if not scope or not all(isinstance(s, str) and s for s in scope):
-            raise ValueError(f'ptq.scope must be a non-empty list of module paths, got {scope!r}')
+            raise PTQConfigError(f'ptq.scope must be a non-empty list of module paths, got {scope!r}')
         kw['scope'] = tuple(scope)
         kw['overrides'] = tuple(_override(k, v) for k, v in dict(cfg.get('overrides', {})).items())
         opts = dict(cfg.get('method_options', {}))
         bad = sorted(set(opts) - TUNABLE_STAGE_OPTIONS)
         if bad:
-            raise ValueError(f'ptq.method_options has unknown key(s) {bad}; allowed: {sorted(TUNABLE_STAGE_OPTIONS)}')
+            raise PTQConfigError(f'ptq.method_options has unknown key(s) {bad}; '
+                                 f'allowed: {sorted(TUNABLE_STAGE_OPTIONS)}')
+        for key, value in opts.items():
+            integer = key in ('batch_size', 'log_interval')
+            if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+                    or not math.isfinite(value)):
+                raise PTQConfigError(f'ptq.method_options.{key} must be a finite '
+                                     f'{"integer" if integer else "number"}, got {value!r}')
         kw['method_options'] = opts
         for key in ('w_observer', 'a_observer'):
             if cfg.get(key, 'mse') not in ('mse', 'minmax'):
-                raise ValueError(f"ptq.{key} must be 'mse' or 'minmax', got {cfg.get(key)!r}")
+                raise PTQConfigError(f"ptq.{key} must be 'mse' or 'minmax', got {cfg.get(key)!r}")
         settings = cls(**kw)
         settings.build_method()
         return settings
@@ -104,7 +126,9 @@ class PTQSettings:
             return build_method(self.method, iters=self.iters, drop_prob=self.drop_prob,
                                 act_iters=self.act_iters, batch_size=self.batch_size, **self.method_options)
         except ValueError as err:
-            raise ValueError(f'ptq: {err}') from None
+            name = str(err).split(' ', 1)[0]
+            prefix = 'ptq.method_options.' if name in self.method_options else 'ptq: '
+            raise PTQConfigError(f'{prefix}{err}') from None
 
     def bits_for(self, path: str, first_layer: bool) -> Tuple[int, int]:
         """(weight bits, activation bits) for the layer at ``path``; the longest matching override wins."""
@@ -125,9 +149,10 @@ class PTQSettings:
 
 def _override(prefix: Any, value: Any) -> BitOverride:
     if not isinstance(prefix, str) or not isinstance(value, Mapping):
-        raise ValueError(f"ptq.overrides must map module paths to dict(w_bits=..., a_bits=...), got {prefix!r}: {value!r}")
+        raise PTQConfigError(f'ptq.overrides must map module paths to dict(w_bits=..., a_bits=...), '
+                             f'got {prefix!r}: {value!r}')
     bad = sorted(set(value) - {'w_bits', 'a_bits'})
     if bad:
-        raise ValueError(f'ptq.overrides[{prefix!r}] has unknown key(s) {bad}; allowed: w_bits, a_bits')
+        raise PTQConfigError(f'ptq.overrides[{prefix!r}] has unknown key(s) {bad}; allowed: w_bits, a_bits')
     return BitOverride(prefix, _bits(f'overrides[{prefix!r}].w_bits', value.get('w_bits'), allow_none=True),
                        _bits(f'overrides[{prefix!r}].a_bits', value.get('a_bits'), allow_none=True))

@@ -1,0 +1,314 @@
+"""Resume state of an interrupted PTQ run, kept in ``<work_dir>/ptq_resume/``.
+
+Files (each written to a temp file, fsynced, renamed; a file the manifest names is never rewritten):
+
+``calibration.pth``
+    After activation calibration: every ``state_dict`` entry of the modules
+    under ``ptq.scope`` (folded weights, AdaRound ``alpha``/``mode_code``/
+    ``scale``/``zero_point``, LSQ ``scale``/``zero_point``/``calibrated``).
+``unit-NNNN.pth``
+    After the N-th finished (stage, unit): that unit's ``state_dict`` entries
+    (hardened rounding, learned activation steps). Reconstructing a unit
+    changes nothing outside it, so the base plus these deltas, loaded in
+    order, is the model's quantized state so far; each save writes one unit,
+    not the whole model.
+``manifest.json``
+    Written last, atomically: for every file above its size and SHA-256, the
+    run's fingerprint (settings, unit names, FP checkpoint, digest of the
+    calibration batches), the finished (stage, unit) pairs and their report
+    records, and the status (``running``; ``complete`` once quantized.pth is
+    written). A file is trusted only when it matches the manifest, so a run
+    killed in the middle of a save resumes from the previous unit.
+
+Every state file also holds the torch/numpy/python RNG states at that point
+(a list by rank: under torch.distributed rank 0 writes, every rank reads),
+and contains only tensors, numbers, strings, lists and dicts: it loads with
+``torch.load(weights_only=True)``. The folder is deleted when a run ends
+successfully (report written).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from qdrop_mm.core import ReconResult, UnitRecord
+
+from .checkpoint import atomic_save
+from .settings import PTQConfigError
+
+RESUME_DIR = 'ptq_resume'
+MANIFEST = 'manifest.json'
+FORMAT = 'qdrop_mm.resume/1'
+# settings that may change between the interrupted run and --resume (finished units keep what they used)
+RESUMABLE_CHANGES = frozenset({'iters', 'act_iters', 'drop_prob', 'method_options'})
+
+
+class ResumeStateError(PTQConfigError):
+    """The resume state is missing, damaged or belongs to a different run."""
+
+
+# ----------------------------------------------------------------------------- RNG
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    """torch/CUDA/numpy/python RNG states as weights_only-loadable objects (tensors, numbers, lists)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': {'kind': str(kind), 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                  'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+        'python': {'version': int(version), 'state': torch.tensor(py_state, dtype=torch.int64),
+                   'gauss_next': gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    p = state['python']
+    random.setstate((p['version'], tuple(int(x) for x in p['state'].tolist()), p['gauss_next']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+def batches_digest(batches: Sequence[dict]) -> str:
+    """SHA-256 over the calibration inputs (shapes and bytes): equal iff the batches were rebuilt identically."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for t in batch['inputs']:
+            t = t.detach().cpu().contiguous()
+            h.update(f'{tuple(t.shape)}{t.dtype}'.encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_identity(load_from: Optional[str]) -> Dict[str, Any]:
+    if not load_from:
+        return {'path': None}
+    if '://' in load_from:
+        return {'path': load_from}
+    path = os.path.abspath(load_from)
+    return {'path': path, 'bytes': os.path.getsize(path) if os.path.isfile(path) else None}
+
+
+def scope_state_dict(model: nn.Module, scope: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Every state_dict entry of the modules under ``scope`` (all that quantization changes)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if _in_scope(k, scope)}
+
+
+def module_state_dict(model: nn.Module, module: nn.Module) -> Dict[str, torch.Tensor]:
+    """``module``'s state_dict entries under their full keys in ``model``."""
+    prefix = next(name for name, m in model.named_modules() if m is module)
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict(prefix=f'{prefix}.' if prefix else '').items()}
+
+
+def _in_scope(key: str, scope: Sequence[str]) -> bool:
+    return any(key.startswith(s + '.') for s in scope)
+
+
+def load_scope_state(model: nn.Module, states: Sequence[Dict[str, torch.Tensor]], scope: Sequence[str],
+                     source: str) -> None:
+    """Load the base scope state and the per-unit deltas, in order, into the (already planned) model.
+
+    The base must hold exactly the model's keys under ``scope``; a delta only keys among them.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if _in_scope(k, scope)}
+    for i, state in enumerate(states):
+        missing = sorted(set(expected) - set(state)) if i == 0 else []
+        unexpected = sorted(set(state) - set(expected))
+        shapes = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
+        if missing or unexpected or shapes:
+            raise ResumeStateError(
+                f'resume state {source} does not fit the quantized model: {len(missing)} missing keys '
+                f'(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(shapes)} with '
+                f'other shapes (e.g. {shapes[:3]}); run without --resume to start over')
+        model.load_state_dict(state, strict=False)
+
+
+# ----------------------------------------------------------------------------- records
+
+def record_to_dict(rec: UnitRecord) -> Dict[str, Any]:
+    r = rec.result
+    return {'name': rec.name, 'kind': rec.kind, 'stage': rec.stage, 'cache_bytes': int(rec.cache_bytes),
+            'cache_usage': {k: int(v) for k, v in getattr(rec, 'cache_usage', {}).items()},
+            'loss_before': r.loss_before, 'loss_after': r.loss_after, 'iters': r.iters, 'seconds': r.seconds,
+            'curve': r.curve}
+
+
+def record_from_dict(d: Dict[str, Any]) -> UnitRecord:
+    result = ReconResult(float(d['loss_before']), float(d['loss_after']), int(d['iters']), float(d['seconds']),
+                         [list(p) for p in d['curve']])
+    record = UnitRecord(d['name'], d['kind'], int(d['stage']), result, int(d['cache_bytes']))
+    if hasattr(record, 'cache_usage'):
+        record.cache_usage = dict(d.get('cache_usage', {}))
+    return record
+
+
+# ----------------------------------------------------------------------------- files
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _file_digest(path: str) -> Tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _atomic_write_json(obj: Any, path: str) -> None:
+    tmp = f'{path}.tmp-{os.getpid()}'
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+class ResumeStore:
+    """The resume folder of one work dir: save after each unit, load on ``--resume``, remove when done."""
+
+    def __init__(self, work_dir: str, writer: bool = True) -> None:
+        self.dir = os.path.join(work_dir, RESUME_DIR)
+        self.manifest_path = os.path.join(self.dir, MANIFEST)
+        self.manifest: Optional[Dict[str, Any]] = None
+        self.writer = writer  # under torch.distributed only rank 0 writes; every rank reads
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.dir)
+
+    def clear(self) -> bool:
+        """Remove the folder (a fresh run never trusts an older state); True if there was one."""
+        if not self.writer or not os.path.isdir(self.dir):
+            return False
+        shutil.rmtree(self.dir)
+        return True
+
+    def read_manifest(self) -> Optional[Dict[str, Any]]:
+        """The manifest, or None when there is no resume state; a damaged one is an error."""
+        if not os.path.isfile(self.manifest_path):
+            return None
+        try:
+            with open(self.manifest_path, encoding='utf-8') as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ResumeStateError(f'resume manifest {self.manifest_path} is unreadable ({err}); '
+                                   f'delete {self.dir} or run without --resume to start over') from None
+        if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
+            raise ResumeStateError(f'{self.manifest_path} is not a {FORMAT} manifest; delete {self.dir} or run '
+                                   f'without --resume to start over')
+        return manifest
+
+    def load_states(self, manifest: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """The state files the manifest names, in order, each after checking its size and SHA-256."""
+        states = []
+        for entry in manifest.get('files', []):
+            path = os.path.join(self.dir, os.path.basename(entry['name']))
+            if not os.path.isfile(path):
+                raise ResumeStateError(f'resume state file {path} named by {self.manifest_path} is missing; '
+                                       f'run without --resume to start over')
+            size, digest = _file_digest(path)
+            if size != entry['bytes'] or digest != entry['sha256']:
+                raise ResumeStateError(f'resume state file {path} is damaged ({size} bytes, sha256 {digest[:12]}; '
+                                       f'the manifest expects {entry["bytes"]} bytes, {entry["sha256"][:12]}); '
+                                       f'run without --resume to start over')
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            if not isinstance(state, dict) or state.get('format') != FORMAT:
+                raise ResumeStateError(f'{path} is not a {FORMAT} state file; run without --resume to start over')
+            states.append(state)
+        if not states:
+            raise ResumeStateError(f'{self.manifest_path} names no state file; run without --resume to start over')
+        return states
+
+    def save(self, kind: str, state_dict: Dict[str, torch.Tensor], manifest: Dict[str, Any],
+             rng: Optional[List[Dict[str, Any]]] = None) -> None:
+        """Write a new state file (atomically), then the manifest listing it (``kind``: calibration | unit).
+
+        ``rng``: the RNG states of every rank (default: this process's); stored as a list by rank.
+        """
+        files = list(manifest.get('files', []))
+        name = 'calibration.pth' if kind == 'calibration' else f'unit-{len(files):04d}.pth'
+        if not self.writer:
+            self.manifest = dict(manifest, format=FORMAT, files=files + [{'name': name}])
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, name)
+        payload = {'format': FORMAT, 'kind': kind, 'state_dict': state_dict,
+                   'rng': rng if rng is not None else [rng_state()]}
+        atomic_save(payload, path)
+        _fsync_dir(self.dir)
+        size, digest = _file_digest(path)
+        files.append({'name': name, 'bytes': size, 'sha256': digest})
+        manifest = dict(manifest, format=FORMAT, files=files, updated=time.strftime('%Y-%m-%d %H:%M:%S'))
+        _atomic_write_json(manifest, self.manifest_path)
+        self.manifest = manifest
+
+    def update(self, **fields: Any) -> None:
+        """Rewrite the manifest with some fields changed (same state files)."""
+        if self.manifest is None:
+            return
+        self.manifest = dict(self.manifest, **fields, updated=time.strftime('%Y-%m-%d %H:%M:%S'))
+        if self.writer:
+            _atomic_write_json(self.manifest, self.manifest_path)
+
+
+def compare_fingerprints(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """(blocking differences, allowed differences) between the interrupted run and this one, as text."""
+    blocking, allowed = [], []
+    s_set, c_set = saved.get('settings', {}), current.get('settings', {})
+    for key in sorted(set(s_set) | set(c_set)):
+        if s_set.get(key) != c_set.get(key):
+            text = f'ptq.{key}: {s_set.get(key)!r} -> {c_set.get(key)!r}'
+            (allowed if key in RESUMABLE_CHANGES else blocking).append(text)
+    if saved.get('units') != current.get('units'):
+        blocking.append(f'block plan: {len(saved.get("units", []))} units -> {len(current.get("units", []))} '
+                        f'(or other names)')
+    if saved.get('checkpoint') != current.get('checkpoint'):
+        blocking.append(f'FP checkpoint: {saved.get("checkpoint")} -> {current.get("checkpoint")}')
+    if saved.get('world_size', 1) != current.get('world_size', 1):
+        blocking.append(f'number of processes: {saved.get("world_size", 1)} -> {current.get("world_size", 1)}')
+    if saved.get('calibration') != current.get('calibration'):
+        blocking.append('calibration batches differ (train data, pipeline or calibration settings changed)')
+    return blocking, allowed
