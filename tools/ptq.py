@@ -112,6 +112,16 @@ def _check_work_dir(work_dir: str) -> None:
                              f'pass --work-dir with a folder you can write to') from None
 
 
+def init_cpu_distributed(cfg) -> None:
+    """``--launcher pytorch`` without CUDA: start a gloo process group before mmengine would try CUDA."""
+    import torch
+    import torch.distributed as dist
+    if cfg.launcher != 'pytorch' or torch.cuda.is_available() or dist.is_initialized():
+        return
+    backend = cfg.get('env_cfg', {}).get('dist_cfg', {}).get('backend', 'gloo')
+    dist.init_process_group('gloo' if backend == 'nccl' else backend)
+
+
 def main(argv=None) -> dict:
     """Run PTQ; a user-fixable problem raises ``SystemExit('error: <message>')`` (exit status 1)."""
     args = parse_args(argv)
@@ -124,6 +134,9 @@ def main(argv=None) -> dict:
     except ValueError as err:
         raise SystemExit(f'error: {err}') from None
     install_safe_mmengine_loading(allow_unsafe=args.allow_unsafe_checkpoint)
+    init_cpu_distributed(cfg)
+    if cfg.launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(type='qdrop_mm.PTQEvalWrapper')
     runner = None
     try:
         runner = Runner.from_cfg(cfg)

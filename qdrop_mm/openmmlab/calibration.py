@@ -40,16 +40,24 @@ def build_calibration_batches(cfg: ConfigDict, settings: PTQSettings) -> List[di
     available = len(loader.dataset)
     if available < settings.num_images:
         raise PTQConfigError(_too_few(cfg, settings, available))
+    wanted = images_for_this_rank(settings.num_images)
     batches, seen = [], 0
     for batch in loader:
-        take = min(len(batch['inputs']), settings.num_images - seen)
+        take = min(len(batch['inputs']), wanted - seen)
         batches.append({k: v[:take] for k, v in batch.items()})
         seen += take
-        if seen >= settings.num_images:
+        if seen >= wanted:
             break
-    if seen < settings.num_images:
+    if seen < wanted:
         raise PTQConfigError(_too_few(cfg, settings, seen))
     return batches
+
+
+def images_for_this_rank(num_images: int) -> int:
+    """This process' share of the calibration images (the sampler already shards by rank)."""
+    from mmengine.dist import get_rank, get_world_size
+    world, rank = get_world_size(), get_rank()
+    return num_images // world + (1 if rank < num_images % world else 0)
 
 
 def _too_few(cfg: ConfigDict, settings: PTQSettings, available: int) -> str:
