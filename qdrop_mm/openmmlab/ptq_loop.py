@@ -231,7 +231,8 @@ class PTQLoop(TestLoop):
         callbacks = ResumableCallbacks(logger, self.plan.units, method, settings, store, manifest, model,
                                        finished, restored)
         try:
-            result = run_ptq(model, self.plan.units, batches, feature_forward, method, callbacks)
+            result = run_ptq(model, self.plan.units, batches, feature_forward, method, callbacks,
+                             settings.cache_policy(self.runner.work_dir))
         except NonFiniteLossError as err:
             raise self._non_finite(err, callbacks, method) from None
         result = PTQResult(result.method, sorted(callbacks.records, key=self._record_order))

@@ -5,11 +5,14 @@ config fails before any heavy work.
 """
 from __future__ import annotations
 
+import os
+
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from qdrop_mm.core.fake_quant import MAX_BITS, MIN_BITS
+from qdrop_mm.core.unit_cache import DTYPES, GiB, CachePolicy
 from qdrop_mm.core.methods import METHODS, TUNABLE_STAGE_OPTIONS, MethodConfig, build_method
 
 
@@ -63,6 +66,7 @@ class PTQSettings:
     calib_num_workers: int = 2
     w_observer: str = 'mse'
     a_observer: str = 'mse'
+    cache: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any]) -> 'PTQSettings':
@@ -114,6 +118,7 @@ class PTQSettings:
                 raise PTQConfigError(f'ptq.method_options.{key} must be a finite '
                                      f'{"integer" if integer else "number"}, got {value!r}')
         kw['method_options'] = opts
+        kw['cache'] = _cache_options(cfg.get('cache', {}))
         for key in ('w_observer', 'a_observer'):
             if cfg.get(key, 'mse') not in ('mse', 'minmax'):
                 raise PTQConfigError(f"ptq.{key} must be 'mse' or 'minmax', got {cfg.get(key)!r}")
@@ -140,11 +145,38 @@ class PTQSettings:
                 a_bits = ov.a_bits or a_bits
         return w_bits, a_bits
 
+    def cache_policy(self, work_dir: str) -> CachePolicy:
+        """Where unit caches live: ``ptq.cache`` with budgets in GiB; spills go under the work dir."""
+        c = self.cache
+        spill = os.path.join(work_dir, 'cache_spill') if c.get('spill', True) else None
+        return CachePolicy(dtype=c.get('dtype', 'float32'), device_budget=int(c.get('device_budget_gb', 0) * GiB),
+                           host_budget=int(c.get('host_budget_gb', 16) * GiB), spill_dir=spill)
+
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d['scope'] = list(self.scope)
         d['overrides'] = {o.prefix: {'w_bits': o.w_bits, 'a_bits': o.a_bits} for o in self.overrides}
         return d
+
+
+CACHE_KEYS = {'dtype': DTYPES, 'device_budget_gb': None, 'host_budget_gb': None, 'spill': None}
+
+
+def _cache_options(value: Any) -> Dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise PTQConfigError(f'ptq.cache must be a dict with keys {sorted(CACHE_KEYS)}, got {value!r}')
+    bad = sorted(set(value) - set(CACHE_KEYS))
+    if bad:
+        raise PTQConfigError(f'ptq.cache has unknown key(s) {bad}; allowed: {sorted(CACHE_KEYS)}')
+    if 'dtype' in value and value['dtype'] not in DTYPES:
+        raise PTQConfigError(f"ptq.cache.dtype must be one of {sorted(DTYPES)}, got {value['dtype']!r}")
+    for key in ('device_budget_gb', 'host_budget_gb'):
+        v = value.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise PTQConfigError(f'ptq.cache.{key} must be a number >= 0 (GiB), got {v!r}')
+    if not isinstance(value.get('spill', True), bool):
+        raise PTQConfigError(f"ptq.cache.spill must be True or False, got {value['spill']!r}")
+    return dict(value)
 
 
 def _override(prefix: Any, value: Any) -> BitOverride:

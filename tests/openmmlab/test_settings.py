@@ -1,0 +1,34 @@
+import pytest
+
+from qdrop_mm.core.unit_cache import GiB
+from qdrop_mm.openmmlab import PTQSettings
+
+
+def test_cache_options_map_to_policy(tmp_path):
+    s = PTQSettings.from_cfg(dict(cache=dict(dtype='float16', host_budget_gb=0.5, device_budget_gb=2)))
+    p = s.cache_policy(str(tmp_path))
+    assert (p.dtype, p.host_budget, p.device_budget) == ('float16', GiB // 2, 2 * GiB)
+    assert p.spill_dir == str(tmp_path / 'cache_spill')
+    assert PTQSettings.from_cfg(dict(cache=dict(spill=False))).cache_policy('w').spill_dir is None
+    assert PTQSettings.from_cfg({}).cache_policy('w').dtype == 'float32'
+
+
+@pytest.mark.parametrize('cache,match', [
+    (dict(dtype='int8'), 'ptq.cache.dtype'),
+    (dict(host_budget_gb=-1), 'ptq.cache.host_budget_gb'),
+    (dict(budget=1), 'ptq.cache has unknown key'),
+    (dict(spill='yes'), 'ptq.cache.spill'),
+])
+def test_cache_options_validated(cache, match):
+    with pytest.raises(ValueError, match=match):
+        PTQSettings.from_cfg(dict(cache=cache))
+
+
+def test_bits_for_first_layer_and_overrides():
+    s = PTQSettings.from_cfg(dict(w_bits=2, a_bits=4, first_layer_bits=8,
+                                  overrides={'backbone.layer4': dict(w_bits=6), 'backbone.layer4.1': dict(a_bits=8)}))
+    assert s.bits_for('backbone.conv1', first_layer=True) == (8, 4)
+    assert s.bits_for('backbone.layer3.0', first_layer=False) == (2, 4)
+    assert s.bits_for('backbone.layer4.0.conv1', first_layer=False) == (6, 4)
+    assert s.bits_for('backbone.layer4.1', first_layer=False) == (6, 8)
+    assert s.bits_for('backbone.layer40', first_layer=False) == (2, 4)
