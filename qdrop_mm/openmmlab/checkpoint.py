@@ -16,11 +16,12 @@ import codecs
 import os
 import pickle
 import re
-import tempfile
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
+
+from .atomic_io import atomic_write
 from torch import nn
 
 from .settings import PTQConfigError, PTQError
@@ -150,26 +151,7 @@ def install_safe_mmengine_loading(allow_unsafe: bool = False) -> None:
 
 def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def quantized_checkpoint(state_dict: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,13 +1,12 @@
 """The PTQ report: settings, per-unit reconstruction results and final metrics."""
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from qdrop_mm.core import PTQResult, Unit
 from qdrop_mm.core.quant_state import act_quantizers, weight_quantizers
 
+from .atomic_io import atomic_write_json
 from .settings import PTQSettings
 
 
@@ -49,10 +48,7 @@ def _plain(v: Any) -> Any:
 
 
 def write_report(report: Dict[str, Any], path: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(report, path)
 
 
 def format_summary(report: Dict[str, Any]) -> str:

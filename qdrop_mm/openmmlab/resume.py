@@ -42,6 +42,7 @@ from torch import nn
 
 from qdrop_mm.core import ReconResult, UnitRecord
 
+from .atomic_io import atomic_write_json, fsync_dir
 from .checkpoint import atomic_save
 from .settings import PTQConfigError
 
@@ -169,19 +170,6 @@ def record_from_dict(d: Dict[str, Any]) -> UnitRecord:
 
 # ----------------------------------------------------------------------------- files
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _file_digest(path: str) -> Tuple[int, str]:
     h = hashlib.sha256()
     size = 0
@@ -190,21 +178,6 @@ def _file_digest(path: str) -> Tuple[int, str]:
             h.update(chunk)
             size += len(chunk)
     return size, h.hexdigest()
-
-
-def _atomic_write_json(obj: Any, path: str) -> None:
-    tmp = f'{path}.tmp-{os.getpid()}'
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path))
 
 
 class ResumeStore:
@@ -278,11 +251,11 @@ class ResumeStore:
         payload = {'format': FORMAT, 'kind': kind, 'state_dict': state_dict,
                    'rng': rng if rng is not None else [rng_state()]}
         atomic_save(payload, path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         size, digest = _file_digest(path)
         files.append({'name': name, 'bytes': size, 'sha256': digest})
         manifest = dict(manifest, format=FORMAT, files=files, updated=time.strftime('%Y-%m-%d %H:%M:%S'))
-        _atomic_write_json(manifest, self.manifest_path)
+        atomic_write_json(manifest, self.manifest_path, indent=1)
         self.manifest = manifest
 
     def update(self, **fields: Any) -> None:
@@ -291,7 +264,7 @@ class ResumeStore:
             return
         self.manifest = dict(self.manifest, **fields, updated=time.strftime('%Y-%m-%d %H:%M:%S'))
         if self.writer:
-            _atomic_write_json(self.manifest, self.manifest_path)
+            atomic_write_json(self.manifest, self.manifest_path, indent=1)
 
 
 def compare_fingerprints(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[List[str], List[str]]:
