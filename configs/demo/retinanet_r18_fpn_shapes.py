@@ -34,7 +34,7 @@ model = dict(
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
                  val_interval=max_iters)
 optim_wrapper = dict(
-    optimizer=dict(_delete_=True, type='AdamW', lr=1e-3, weight_decay=0.05),
+    optimizer=dict(_delete_=True, type='AdamW', lr=2e-3, weight_decay=0.05),
     clip_grad=dict(max_norm=10.0, norm_type=2))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=warmup_iters),

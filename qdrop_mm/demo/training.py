@@ -58,8 +58,9 @@ def _check_no_pretrained(node: Any, where: str = "cfg") -> None:
     """Refuse configs that would download weights (no network; the demo trains from scratch)."""
     if isinstance(node, Mapping):
         if node.get("type") == "Pretrained" or node.get("pretrained"):
-            raise ValueError(f"{where} asks for pretrained weights ({dict(node).get('checkpoint') or node.get('pretrained')}); "
-                             "the demo trains from scratch: set init_cfg=None / pretrained=None")
+            source = node.get("checkpoint") or node.get("pretrained")
+            raise ValueError(f"{where} asks for pretrained weights ({source}); the demo trains from "
+                             "scratch without network access: set init_cfg=None / pretrained=None")
         for k, v in node.items():
             _check_no_pretrained(v, f"{where}.{k}")
     elif isinstance(node, (list, tuple)):
@@ -94,7 +95,7 @@ def load_demo_config(cfg_path: PathLike, cfg_options: Optional[Mapping[str, Any]
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
     new_root = cfg.get("data_root")
-    if isinstance(old_root, str) and isinstance(new_root, str) and old_root.endswith("/") and not new_root.endswith("/"):
+    if isinstance(new_root, str) and str(old_root).endswith("/") and not new_root.endswith("/"):
         new_root = cfg.data_root = new_root + "/"  # derived paths are built as data_root + 'sub/dir'
     new_size = cfg.get("demo_data", {}).get("image_size")
     if (old_root and new_root != old_root) or (old_size and new_size != old_size):
