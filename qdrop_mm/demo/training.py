@@ -77,7 +77,9 @@ def load_demo_config(cfg_path: PathLike, cfg_options: Optional[Mapping[str, Any]
     roots, evaluator ``ann_file``, pipeline ``Resize`` scales). Here every string that
     starts with the file's ``data_root`` is re-rooted, and every pipeline
     ``scale``/``crop_size`` equal to the file's ``(image_size, image_size)`` follows the
-    new size. ``work_dir`` defaults to ``work_dirs/demo/<config name>``.
+    new size. Overriding ``train_cfg.max_iters`` rescales the iteration-based LR schedule
+    proportionally and moves the val/checkpoint intervals that equalled the old length.
+    ``work_dir`` defaults to ``work_dirs/demo/<config name>``.
     """
     path = Path(cfg_path)
     if not path.is_file():
@@ -92,8 +94,12 @@ def load_demo_config(cfg_path: PathLike, cfg_options: Optional[Mapping[str, Any]
             if any(tuple(s) != (old_size, old_size) for s in scales):
                 print_log(f"{path}: {key} pipeline scales {scales} differ from demo_data.image_size="
                           f"{old_size}", logger="current", level=30)
+    old_iters = cfg.get("train_cfg", {}).get("max_iters")
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
+    new_iters = cfg.get("train_cfg", {}).get("max_iters")
+    if old_iters and new_iters and new_iters != old_iters:
+        _rescale_schedule(cfg, int(old_iters), int(new_iters))
     new_root = cfg.get("data_root")
     if isinstance(new_root, str) and str(old_root).endswith("/") and not new_root.endswith("/"):
         new_root = cfg.data_root = new_root + "/"  # derived paths are built as data_root + 'sub/dir'
@@ -111,6 +117,30 @@ def load_demo_config(cfg_path: PathLike, cfg_options: Optional[Mapping[str, Any]
     cfg.work_dir = str(work_dir or cfg.get("work_dir") or DEFAULT_WORK_ROOT / path.stem)
     _check_no_pretrained(cfg.get("model"), "model")
     return cfg
+
+
+def _rescale_schedule(cfg: Config, old_iters: int, new_iters: int) -> None:
+    """Follow a new ``train_cfg.max_iters``: scale scheduler ``begin``/``end``/``T_max``."""
+    factor = new_iters / old_iters
+    old_prev_end = new_prev_end = None  # chained schedulers (warmup -> cosine) stay chained
+    for sched in cfg.get("param_scheduler") or []:
+        if sched.get("by_epoch", True):
+            continue
+        begin, end = sched.get("begin", 0), sched.get("end")
+        new_begin = new_prev_end if begin == old_prev_end else min(new_iters - 1, round(begin * factor))
+        sched["begin"] = new_begin
+        if end is not None:
+            new_end = min(new_iters, max(new_begin + 1, round(end * factor)))
+            if sched.get("T_max") == end - begin:
+                sched["T_max"] = new_end - new_begin
+            sched["end"], old_prev_end, new_prev_end = new_end, end, new_end
+    if cfg.get("max_iters") == old_iters:
+        cfg.max_iters = new_iters
+    if cfg.train_cfg.get("val_interval") == old_iters:
+        cfg.train_cfg.val_interval = new_iters
+    checkpoint = cfg.get("default_hooks", {}).get("checkpoint") or {}
+    if checkpoint.get("interval") == old_iters:
+        checkpoint["interval"] = new_iters
 
 
 def _pipeline_scales(loader: Optional[Mapping[str, Any]]) -> List[Any]:

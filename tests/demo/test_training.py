@@ -51,6 +51,9 @@ def test_train_publish_reload_and_cache(tmp_path):
     cfg = load_demo_config(FRCNN, options, work_dir)
     assert cfg.val_evaluator.ann_file == f"{data_root}/annotations/instances_val2017.json"
     assert cfg.train_dataloader.dataset.pipeline[2]["scale"] == (128, 128)
+    warmup, cosine = cfg.param_scheduler  # LR schedule rescaled to the shortened run
+    assert (warmup["begin"], warmup["end"]) == (0, 1)
+    assert (cosine["begin"], cosine["end"], cosine["T_max"]) == (1, ITERS, ITERS - 1)
 
     # published weights: plain tensors + plain meta, loadable with weights_only=True
     ckpt = Path(first["checkpoint"])
