@@ -6,7 +6,7 @@ stopped as soon as the module's input is seen.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -20,38 +20,34 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, module: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn,
-                   store_device: torch.device = torch.device('cpu'),
-                   sink: Optional[Callable[[Tensor], None]] = None) -> List[Tensor]:
-    """Input tensor of ``module`` for every batch, in order.
+                   sink: Callable[[Tensor], None]) -> int:
+    """Hand the input tensor of ``module`` for every batch, in order, to ``sink``; returns how many.
 
-    With ``sink`` each tensor is handed over as soon as it is seen (and not kept),
-    so a budgeted store never holds more than it allows.
+    Each tensor goes to ``sink`` as soon as it is seen and is not kept here, so a
+    budgeted store never holds more than it allows.
     """
-    seen: List[Tensor] = []
-    count = [0]
+    count = 0
 
     def hook(_mod: nn.Module, args: tuple) -> None:
+        nonlocal count
         if len(args) != 1 or not isinstance(args[0], Tensor):
             raise TypeError(f'{type(_mod).__name__}: a reconstruction unit must take exactly one tensor input, '
                             f'got {len(args)} positional arguments')
-        count[0] += 1
-        if sink is not None:
-            sink(args[0].detach())
-        else:
-            seen.append(args[0].detach().to(store_device))
+        count += 1
+        sink(args[0].detach())
         raise _StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
         for batch in batches:
-            n = count[0]
+            before = count
             try:
                 forward_fn(model, batch)
             except _StopForward:
                 pass
-            if count[0] != n + 1:
+            if count != before + 1:
                 raise RuntimeError(f'{type(module).__name__} was not called by forward_fn; '
                                    'is the unit on the path of the calibration forward?')
     finally:
         handle.remove()
-    return seen
+    return count

@@ -71,6 +71,8 @@ class PTQCallbacks:
 def calibrate_activations(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn) -> int:
     """Initialise every activation quantizer from FP activations; returns how many."""
     aqs = [q for q in act_quantizers(model) if not q.is_calibrated]
+    if not aqs:  # all restored (resume) or already calibrated: no forward pass needed
+        return 0
     for q in aqs:
         q.start_observing()
     try:

@@ -32,10 +32,9 @@ def build_calibration_batches(cfg: ConfigDict, settings: PTQSettings) -> List[di
 
     Deterministic for a given ``ptq.seed``: the sampler is seeded, dataloader workers are seeded by
     mmengine from the same seed, and the caller seeds the main process' RNGs (random transforms
-    such as RandomFlip run there when ``calib_num_workers`` is 0).
+    such as RandomFlip run there when ``calib_num_workers`` is 0). The data paths are checked
+    by the caller (``PTQLoop.preflight``) before any resume state is touched.
     """
-    if cfg.get('train_dataloader') is not None:
-        check_dataset_paths(cfg.train_dataloader.get('dataset'), 'train_dataloader.dataset')
     loader = Runner.build_dataloader(calibration_dataloader_cfg(cfg, settings), seed=settings.seed)
     available = len(loader.dataset)
     if available < settings.num_images:

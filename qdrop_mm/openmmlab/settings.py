@@ -5,9 +5,8 @@ config fails before any heavy work.
 """
 from __future__ import annotations
 
-import os
-
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
