@@ -1,20 +1,37 @@
 """Reconstruction speed and memory: seconds per iteration against a plain FP fwd+bwd of the same unit.
 
-    python tools/bench_speed.py [--scale 0.25] [--iters 20] [--num-images 8] [--out work_dirs/bench_speed.json]
+    python tools/bench_speed.py [--scale 1.0] [--iters 50] [--variants reference fused ...]
+        [--e2e-images 4] [--e2e-iters 100] [--device-budget-gb 8] [--out work_dirs/bench_speed.json]
 
-Units: an mmdet ResNet-50 Bottleneck (layer1.0, input at 800x1333/4 for
-batch 2) and an mmdet MobileNetV2 InvertedResidual (600x1000 input), both
-scaled by --scale in each side. For each: FP fwd+bwd seconds, QDrop
-reconstruction seconds per iteration with the fused LSQ+drop path and with
-the reference (unfused) path, their ratio to FP, cache bytes per image and
-peak memory (host max RSS; CUDA max allocated on a GPU). Then an end-to-end
-estimate for Faster R-CNN R50-FPN W4A4 at 20k iterations per unit from
-per-unit timings at this scale (and scaled by pixel count to full size,
-marked as an extrapolation). Prints a table and writes JSON.
+Core only (plain PyTorch, ``qdrop_mm.core.reference_models``: the layer
+shapes of mmdet's ResNet-50, FPN and MobileNetV2), so it runs on any machine
+with torch, a GPU machine without mmcv included.
+
+1. Units: a ResNet-50 Bottleneck (layer1.0; input 2x64 at 800x1344/4) and a
+   MobileNetV2 InvertedResidual (layer2.1; input 2x24 at 608x1024/4), each
+   side scaled by --scale. For each: FP fwd+bwd seconds, QDrop
+   reconstruction seconds per iteration for each variant and its ratio to
+   FP: ``reference`` (LSQ + drop as separate autograd ops), ``fused`` (one
+   autograd function: the default), ``host_cache`` (fused, with the cache in
+   pinned host memory, copied ahead on a side stream, instead of on the
+   device), ``channels_last``, ``compile`` (``method_options.compile``:
+   torch.compile of the unit's training forward); cache bytes per image, the
+   cost of recomputing the FP target instead of caching it, peak memory.
+2. End to end: ResNet-50 + FPN (25 units) at the same scale, --e2e-images
+   smooth random images in batches of 2, --e2e-iters per unit, cache under
+   --device-budget-gb: per-unit seconds per iteration and peak memory, and
+   the estimate for Faster R-CNN R50-FPN W4A4 at the authors' settings (256
+   images, 20 000 iterations per unit): per-unit steady s/it x 20 000, plus
+   the first iterations' extra time (compilation, autotuning), plus capture
+   time scaled to 256 images.
+Iteration times are steady-state: measured over the iterations after the
+first log point.
+Prints tables and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import os.path as osp
@@ -22,10 +39,30 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import replace
+from typing import Callable, Dict, List
 
 import torch
+from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from qdrop_mm.core import PTQCallbacks, act_quantizers, build_method, calibrate_activations, reconstruct_unit  # noqa
+from qdrop_mm.core import run_ptq  # noqa: E402
+from qdrop_mm.core.ptq import build_unit_cache  # noqa: E402
+from qdrop_mm.core.reference_models import (Bottleneck, InvertedResidual, ResNet50FPN, calibrate_bn_statistics,  # noqa
+                                            features_forward, quantize_bottleneck, quantize_inverted_residual,
+                                            quantize_resnet50_fpn)
+from qdrop_mm.core.toy_network import smooth_images  # noqa: E402
+from qdrop_mm.core.unit_cache import GiB, CachePolicy  # noqa: E402
+
+VARIANTS = ('reference', 'fused', 'host_cache', 'channels_last', 'compile')
+FULL_ITERS, FULL_IMAGES = 20000, 256
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -34,21 +71,26 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, repeat: int, device: torch.device) -> float:
-    fn()
+def reset_peak(device: torch.device) -> None:
     if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def timed(fn: Callable[[], None], repeat: int, device: torch.device) -> float:
+    fn()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+    sync(device)
     return (time.perf_counter() - t0) / repeat
 
 
-def bench_unit(name: str, fp_module, quant_module, x_shape, args, device) -> dict:
-    from qdrop_mm.core import act_quantizers, build_method, calibrate_activations, reconstruct_unit
-    from qdrop_mm.core.ptq import build_unit_cache
+def padded(side: float, scale: float, stride: int = 32) -> int:
+    return max(stride, int(round(side * scale / stride)) * stride)
+
+
+def bench_unit(name: str, fp_module: nn.Module, quant_module: nn.Module, x_shape, args, device) -> dict:
     fp_module, quant_module = fp_module.to(device), quant_module.to(device)
     g = torch.Generator().manual_seed(0)
     images = [torch.relu(torch.randn(x_shape, generator=g)).to(device) for _ in range(max(1, args.num_images // 2))]
@@ -58,74 +100,193 @@ def bench_unit(name: str, fp_module, quant_module, x_shape, args, device) -> dic
         fp_module.zero_grad(set_to_none=True)
         fp_module(x).pow(2).mean().backward()
 
+    def fp_forward():
+        with torch.no_grad():
+            fp_module(images[0])
+
     fp_s = timed(fp_step, args.iters, device)
+    target_recompute_s = timed(fp_forward, args.iters, device)
     ident = lambda m, b: m(b)  # noqa: E731
     calibrate_activations(quant_module, images, ident)
-    stage = build_method('qdrop', iters=args.iters, log_interval=args.iters).stages[0]
-    cache = build_unit_cache(quant_module, quant_module, images, ident, stage)
-    row = {'unit': name, 'input': list(x_shape), 'fp_fwd_bwd_s': fp_s,
-           'cache_bytes_per_image': cache.num_bytes() / (len(images) * x_shape[0])}
-    for fused in (True, False):
+    base_stage = build_method('qdrop', iters=2 * args.iters, log_interval=args.iters).stages[0]
+    state = {k: v.clone() for k, v in quant_module.state_dict().items()}
+    row = {'unit': name, 'input': list(x_shape), 'fp_fwd_bwd_s': fp_s, 'fp_forward_s': target_recompute_s}
+    on_device = CachePolicy(device_budget=int(args.device_budget_gb * GiB))
+    for variant in args.variants:
+        module, batch = quant_module, images
+        if variant == 'channels_last':
+            module = quant_module.to(memory_format=torch.channels_last)
+            batch = [b.contiguous(memory_format=torch.channels_last) for b in images]
         for q in act_quantizers(quant_module):
-            q.fused = fused
-        state = {k: v.clone() for k, v in quant_module.state_dict().items()}
-        reconstruct_unit(quant_module, cache, stage)  # warm-up
-        quant_module.load_state_dict(state)
-        per_iter = reconstruct_unit(quant_module, cache, stage).seconds / args.iters
-        quant_module.load_state_dict(state)
-        row['recon_s_per_iter_' + ('fused' if fused else 'reference')] = per_iter
-        row['ratio_' + ('fused' if fused else 'reference')] = per_iter / fp_s
-    cache.close()
-    row['peak_memory_mb'] = peak_memory_mb(device)
+            q.fused = variant != 'reference'
+        policy = CachePolicy() if variant == 'host_cache' else on_device
+        stage = replace(base_stage, compile=variant == 'compile')
+        try:
+            cache = build_unit_cache(module, module, batch, ident, base_stage, policy)
+            row['cache_bytes_per_image'] = cache.num_bytes() / (len(images) * x_shape[0])
+            reset_peak(device)
+            quant_module.load_state_dict(state)
+            clock = SteadyClock()
+            reconstruct_unit(module, cache, stage, progress=clock)
+            per_iter = clock.seconds_per_iter()
+            cache.close()
+        except Exception as err:  # a variant that fails on this machine is reported, not fatal
+            row[f'{variant}_error'] = f'{type(err).__name__}: {err}'[:300]
+            per_iter = float('nan')
+        finally:
+            quant_module.load_state_dict(state)
+            quant_module.to(memory_format=torch.contiguous_format)
+        row[f'{variant}_s_per_iter'] = per_iter
+        row[f'{variant}_ratio'] = per_iter / fp_s
+        row[f'{variant}_peak_mb'] = peak_memory_mb(device)
     return row
 
 
-def build_units(scale: float):
-    from mmdet.models.backbones.mobilenet_v2 import MobileNetV2
-    from mmdet.models.backbones.resnet import ResNet
-    from qdrop_mm.openmmlab import PTQSettings
-    from qdrop_mm.openmmlab.block_plan import PlanContext, convert
-    from qdrop_mm.openmmlab import block_rules  # noqa: F401
-    settings = PTQSettings.from_cfg(dict(w_observer='minmax'))
-    out = []
-    r50 = ResNet(50)
-    r50.eval()
-    h, w = int(800 / 4 * scale) // 8 * 8, int(1333 / 4 * scale) // 8 * 8
-    block = r50.layer1[0]
-    import copy
-    fp = copy.deepcopy(block)
-    q = convert(block, 'backbone.layer1.0', PlanContext(settings, _first_layer_done=True))
-    out.append(('resnet50_bottleneck_layer1.0', fp, q, (2, 64, h, w)))
-    mb = MobileNetV2()
-    mb.eval()
-    blk = mb.layer2[1]
-    fp = copy.deepcopy(blk)
-    h, w = int(600 / 4 * scale) // 8 * 8, int(1000 / 4 * scale) // 8 * 8
-    q = convert(blk, 'backbone.layer2.1', PlanContext(settings, _first_layer_done=True))
-    out.append(('mobilenetv2_inverted_residual_layer2.1', fp, q, (2, 24, h, w)))
-    return out
+def build_units(scale: float) -> List[tuple]:
+    torch.manual_seed(0)
+    r50 = Bottleneck(64, 64).eval()
+    mb = InvertedResidual(24, 24, 1, 6).eval()
+    return [('resnet50 layer1.0 Bottleneck', r50, quantize_bottleneck(copy.deepcopy(r50), 4, 4),
+             (2, 64, padded(800, scale) // 4, padded(1333, scale) // 4)),
+            ('mobilenetv2 layer2.1 InvertedResidual', mb, quantize_inverted_residual(copy.deepcopy(mb), 4, 4),
+             (2, 24, padded(600, scale) // 4, padded(1000, scale) // 4))]
+
+
+class SteadyClock:
+    """Progress callback that times the iterations after the first log point (compilation and autotuning done).
+
+    The loop reads the loss at each log point (a device sync), so host clock readings there are exact.
+    """
+
+    def __init__(self) -> None:
+        self.marks: List[tuple] = []
+
+    def __call__(self, it: int, total: int, loss: float) -> None:
+        self.marks.append((it, time.perf_counter()))
+
+    def seconds_per_iter(self) -> float:
+        (i0, t0), (i1, t1) = self.marks[-2], self.marks[-1]
+        return (t1 - t0) / (i1 - i0)
+
+
+class UnitMeter(PTQCallbacks):
+    """Per unit: seconds (capture + reconstruction), reconstruction s/it, peak memory, cache bytes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rows: List[Dict] = []
+        self._t0 = 0.0
+        self.clock = SteadyClock()
+
+    def before_unit(self, stage_idx, unit) -> None:
+        sync(self.device)
+        reset_peak(self.device)
+        self._t0 = time.perf_counter()
+        self.clock = SteadyClock()
+
+    def progress(self, it: int, total: int, loss: float) -> None:
+        self.clock(it, total, loss)
+
+    def after_unit(self, record) -> None:
+        sync(self.device)
+        total = time.perf_counter() - self._t0
+        r = record.result
+        steady = self.clock.seconds_per_iter()
+        self.rows.append({'unit': record.name, 'recon_s_per_iter': steady,
+                          'first_iters_overhead_s': r.seconds - steady * r.iters,
+                          'capture_and_eval_s': total - r.seconds, 'cache_mb': record.cache_bytes / 2 ** 20,
+                          'cache_usage_mb': {k: v / 2 ** 20 for k, v in record.cache_usage.items()},
+                          'peak_mb': peak_memory_mb(self.device), 'loss_before': r.loss_before,
+                          'loss_after': r.loss_after})
+
+
+def bench_e2e(args, device) -> dict:
+    torch.manual_seed(0)
+    h, w = padded(800, args.scale), padded(1333, args.scale)
+    g = torch.Generator().manual_seed(0)
+    widths = [w, padded(1216, args.scale)] if args.mixed_shapes else [w]
+    batches = [smooth_images(2, max(h, w), g)[:, :, :h, :widths[i % len(widths)]].contiguous().to(device)
+               for i in range(max(1, args.e2e_images // 2))]
+    net = ResNet50FPN().to(device)
+    calibrate_bn_statistics(net, batches, features_forward)
+    units = quantize_resnet50_fpn(net, 4, 4)
+    net.to(device)
+    meter = UnitMeter(device)
+    policy = CachePolicy(dtype=args.cache_dtype, device_budget=int(args.device_budget_gb * GiB),
+                         host_budget=int(args.host_budget_gb * GiB), spill_dir=args.spill_dir)
+    t0 = time.perf_counter()
+    run_ptq(net, units, batches, features_forward,
+            build_method('qdrop', iters=args.e2e_iters, log_interval=args.e2e_iters // 2, compile=args.compile),
+            meter, policy)
+    sync(device)
+    wall = time.perf_counter() - t0
+    images = 2 * len(batches)
+    estimate_s = sum(r['recon_s_per_iter'] * FULL_ITERS + r['first_iters_overhead_s']
+                     + r['capture_and_eval_s'] * FULL_IMAGES / images for r in meter.rows)
+    return {'input': [2, 3, h, w], 'widths': widths, 'compile': args.compile, 'images': images,
+            'iters_per_unit': args.e2e_iters, 'wall_s': wall,
+            'cache_policy': {'dtype': args.cache_dtype, 'device_budget_gb': args.device_budget_gb,
+                             'host_budget_gb': args.host_budget_gb},
+            'units': meter.rows, 'estimate_20k_iters_256_images_h': estimate_s / 3600}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores'
+
+
+def print_tables(result: dict) -> None:
+    print(f"device: {result['device']}; torch {result['torch']}; side scale {result['scale']}; "
+          f"{result['iters']} timed iterations")
+    variants = result['variants']
+    head = f"{'unit':<38} {'input':>16} {'FP f+b ms':>9}" + ''.join(f' {v[:13]:>13}' for v in variants)
+    print(head + f" {'cache MB/img':>12} {'recompute tgt':>13}")
+    for r in result['rows']:
+        cells = ''.join(f" {r[v + '_s_per_iter'] * 1e3:>7.1f} x{r[v + '_ratio']:<4.2f}" for v in variants)
+        print(f"{r['unit']:<38} {'x'.join(map(str, r['input'])):>16} {r['fp_fwd_bwd_s'] * 1e3:>9.1f}{cells} "
+              f"{r['cache_bytes_per_image'] / 2 ** 20:>12.1f} {r['fp_forward_s'] * 1e3:>10.1f} ms")
+    e2e = result.get('e2e')
+    if e2e:
+        print(f"\nend to end: ResNet-50 + FPN, input {'x'.join(map(str, e2e['input']))} (widths {e2e['widths']}), "
+              f"{e2e['images']} images, {e2e['iters_per_unit']} it/unit, compile={e2e['compile']}, "
+              f"cache {e2e['cache_policy']}: wall {e2e['wall_s']:.1f} s")
+        print(f"{'unit':<12} {'recon ms/it':>11} {'warm-up s':>9} {'capture s':>9} {'cache MB':>9} {'peak MB':>9}")
+        for r in e2e['units']:
+            print(f"{r['unit']:<12} {r['recon_s_per_iter'] * 1e3:>11.1f} {r['first_iters_overhead_s']:>9.2f} "
+                  f"{r['capture_and_eval_s']:>9.2f} "
+                  f"{r['cache_mb']:>9.1f} {r['peak_mb']:>9.0f}")
+        print(f"estimate, Faster R-CNN R50-FPN W4A4 backbone+neck at {FULL_ITERS} it/unit and {FULL_IMAGES} "
+              f"images: {e2e['estimate_20k_iters_256_images_h']:.2f} h")
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--scale', type=float, default=0.25, help='fraction of the full input side (1 = 800x1333)')
-    p.add_argument('--iters', type=int, default=20)
-    p.add_argument('--num-images', type=int, default=8)
+    p.add_argument('--iters', type=int, default=20, help='timed iterations per unit benchmark')
+    p.add_argument('--num-images', type=int, default=8, help='images cached for the unit benchmarks')
+    p.add_argument('--variants', nargs='+', default=['reference', 'fused'], choices=VARIANTS)
+    p.add_argument('--e2e-images', type=int, default=0, help='images for the end-to-end run (0: skip it)')
+    p.add_argument('--e2e-iters', type=int, default=20, help='reconstruction iterations per unit end to end')
+    p.add_argument('--compile', action='store_true', help='end to end with method_options.compile=True')
+    p.add_argument('--mixed-shapes', action='store_true', help='end to end with two image widths (as keep-ratio '
+                   'resizing gives), so batches differ in shape')
+    p.add_argument('--cache-dtype', default='float32', choices=('float32', 'float16', 'bfloat16'))
+    p.add_argument('--device-budget-gb', type=float, default=24.0, help='cache budget on a GPU (unit and e2e runs)')
+    p.add_argument('--host-budget-gb', type=float, default=16.0)
+    p.add_argument('--spill-dir', default=None)
+    p.add_argument('--cudnn-benchmark', action='store_true')
     p.add_argument('--out', default='work_dirs/bench_speed.json')
     args = p.parse_args(argv)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     rows = [bench_unit(n, fp, q, shape, args, device) for n, fp, q, shape in build_units(args.scale)]
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
-        f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores'
-    result = {'device': name, 'torch': torch.__version__, 'scale': args.scale, 'iters': args.iters, 'rows': rows}
-    print(f"device: {name}; input side scale {args.scale}\n"
-          f"{'unit':<40} {'input':>18} {'FP f+b s':>9} {'fused s/it':>10} {'ratio':>6} "
-          f"{'ref s/it':>9} {'ratio':>6} {'cache MB/img':>12} {'peak MB':>8}")
-    for r in rows:
-        print(f"{r['unit']:<40} {'x'.join(map(str, r['input'])):>18} {r['fp_fwd_bwd_s']:>9.4f} "
-              f"{r['recon_s_per_iter_fused']:>10.4f} {r['ratio_fused']:>6.2f} {r['recon_s_per_iter_reference']:>9.4f} "
-              f"{r['ratio_reference']:>6.2f} {r['cache_bytes_per_image'] / 2 ** 20:>12.2f} {r['peak_memory_mb']:>8.0f}")
+    result = {'device': device_name(device), 'torch': torch.__version__, 'scale': args.scale, 'iters': args.iters,
+              'variants': list(args.variants), 'cudnn_benchmark': args.cudnn_benchmark,
+              'tf32_conv': torch.backends.cudnn.allow_tf32, 'rows': rows}
+    if args.e2e_images:
+        result['e2e'] = bench_e2e(args, device)
+    print_tables(result)
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=2)

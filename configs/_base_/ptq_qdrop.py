@@ -16,5 +16,5 @@ ptq = dict(
     quantize_fpn_outputs=False,   # FPN output convs: weights quantized, outputs FP
     overrides=dict(),        # e.g. {'backbone.layer4': dict(w_bits=8)}
     method_options=dict(),   # e.g. dict(round_weight=0.01, w_lr=1e-3, a_lr=4e-5, warmup=0.2)
-    cache=dict(dtype='float32', device_budget_gb=0, host_budget_gb=16, spill=True),  # unit input/target cache
+    cache=dict(dtype='float32', device_budget_gb='auto', host_budget_gb=16, spill=True),  # unit input/target cache
 )

@@ -4,11 +4,12 @@ from .bn_fold import fold_bn
 from .capture import capture_inputs
 from .fake_quant import UniformQuantizer, fake_quantize, qparams_from_range, round_ste
 from .lsq import LSQActQuantizer
-from .methods import METHODS, MethodConfig, StageConfig, build_method, register_method
+from .methods import METHODS, CompensationConfig, MethodConfig, StageConfig, build_method, register_method
 from .observers import MinMaxObserver, MSEObserver, build_observer
 from .ptq import PTQCallbacks, PTQResult, Unit, UnitRecord, calibrate_activations, run_ptq
 from .qmodules import QuantLayer, QuantResidual
 from .quant_state import act_quantizers, quant_state, weight_quantizers
+from .qwt import Compensated, LeastSquaresAccumulator, fit_compensation, wrap_units
 from .reconstruct import NonFiniteLossError, ReconResult, output_mse, reconstruct_unit
 from .unit_cache import UnitCache
 
@@ -18,5 +19,6 @@ __all__ = [
     'StageConfig', 'build_method', 'register_method', 'MinMaxObserver', 'MSEObserver', 'build_observer',
     'PTQCallbacks', 'PTQResult', 'Unit', 'UnitRecord', 'calibrate_activations', 'run_ptq', 'QuantLayer',
     'QuantResidual', 'act_quantizers', 'quant_state', 'weight_quantizers', 'NonFiniteLossError',
-    'ReconResult', 'output_mse', 'reconstruct_unit', 'UnitCache',
+    'ReconResult', 'output_mse', 'reconstruct_unit', 'UnitCache', 'CompensationConfig', 'Compensated',
+    'LeastSquaresAccumulator', 'fit_compensation', 'wrap_units',
 ]

@@ -10,12 +10,36 @@ in the reference code).
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .fake_quant import EPS, check_bits, fake_quantize, grad_scale, quant_max
 from .observers import build_observer
+
+
+def _lsq_forward(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep_prob: float
+                 ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Fake-quantized x, and the keep mask where a drop applies."""
+    y = (torch.clamp(torch.round(x / scale) + zero_point, 0, qmax) - zero_point) * scale
+    if keep_prob >= 1.0:
+        return y, None
+    keep = torch.rand_like(x) < keep_prob
+    return torch.where(keep, y, x), keep
+
+
+def _lsq_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int,
+                  keep: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Gradient for x (straight through inside the grid, identity where dropped) and the summed step gradient."""
+    x_s = x / scale
+    x_r = torch.round(x_s)
+    level = x_r + zero_point
+    inside = (level >= 0) & (level <= qmax)
+    d_scale = torch.where(inside, x_r - x_s, torch.clamp(level, 0, qmax) - zero_point)
+    if keep is None:
+        return grad * inside, (grad * d_scale).sum()
+    return grad * (inside | ~keep), (grad * d_scale * keep).sum()
 
 
 class _LSQDropFunction(torch.autograd.Function):
@@ -29,14 +53,7 @@ class _LSQDropFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep_prob: float,
                 grad_factor: float) -> Tensor:
-        x_s = x / scale
-        x_r = torch.round(x_s)
-        q = torch.clamp(x_r + zero_point, 0, qmax)
-        y = (q - zero_point) * scale
-        keep = None
-        if keep_prob < 1.0:
-            keep = torch.rand_like(x) < keep_prob
-            y = torch.where(keep, y, x)
+        y, keep = _lsq_forward(x, scale, zero_point, qmax, keep_prob)
         ctx.save_for_backward(x, scale, zero_point, keep)
         ctx.qmax, ctx.grad_factor = qmax, grad_factor
         return y
@@ -44,17 +61,8 @@ class _LSQDropFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, scale, zero_point, keep = ctx.saved_tensors
-        x_s = x / scale
-        x_r = torch.round(x_s)
-        level = x_r + zero_point
-        inside = (level >= 0) & (level <= ctx.qmax)
-        clamped = torch.clamp(level, 0, ctx.qmax) - zero_point
-        d_scale = torch.where(inside, x_r - x_s, clamped)
-        pass_x = inside if keep is None else inside | ~keep
-        if keep is not None:
-            d_scale = d_scale * keep
-        grad_x = grad * pass_x
-        grad_scale = (grad * d_scale).sum().reshape(scale.shape) * ctx.grad_factor if ctx.needs_input_grad[1] else None
+        grad_x, grad_s = _lsq_backward(grad, x, scale, zero_point, ctx.qmax, keep)
+        grad_scale = grad_s.reshape(scale.shape) * ctx.grad_factor if ctx.needs_input_grad[1] else None
         return grad_x, grad_scale, None, None, None, None
 
 
@@ -77,7 +85,9 @@ class LSQActQuantizer(nn.Module):
     """Learned-step activation fake quantizer with optional QDrop drop.
 
     States: ``observing`` feeds the observer (calibration); ``enabled``
-    switches quantization on; ``drop_prob`` < 1 turns the drop on.
+    switches quantization on; ``drop_prob`` < 1 turns the drop on. ``fused``
+    selects the one-function autograd path (False: separate autograd ops, the
+    reference the fused path is tested against).
     """
 
     def __init__(self, bits: int, observer: str = 'mse') -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .capture import ForwardFn, capture_inputs
 from .methods import MethodConfig, StageConfig
+from .qwt import fit_compensation, wrap_units
 from .quant_state import act_quantizers, quant_state
 from .reconstruct import ReconResult, reconstruct_unit
 from .unit_cache import CachePolicy, UnitCache
@@ -66,6 +67,10 @@ class PTQCallbacks:
         """True when this unit/stage is already done (e.g. restored on resume)."""
         return False
 
+    def after_compensation(self, record: UnitRecord) -> None:
+        """A unit's QwT compensation was fitted (``record.stage`` = number of stages; not resumable)."""
+        pass
+
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn) -> int:
@@ -107,11 +112,19 @@ def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], 
 def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], forward_fn: ForwardFn,
             method: MethodConfig, callbacks: Optional[PTQCallbacks] = None,
             cache_policy: Optional[CachePolicy] = None) -> PTQResult:
-    """Quantize ``model`` in place with ``method`` and return what happened per unit."""
+    """Quantize ``model`` in place with ``method`` and return what happened per unit.
+
+    With ``method.compensation`` every unit is first wrapped in place in a
+    ``qwt.Compensated`` (``unit.module`` is updated), and after all stages the
+    compensations are fitted in unit order; that pass always runs whole.
+    """
     cb = callbacks or PTQCallbacks()
     if not units:
         raise ValueError('no reconstruction units: nothing to quantize')
     model.eval()
+    if method.compensation is not None:
+        for unit, wrapper in zip(units, wrap_units(model, [u.module for u in units], method.compensation.placement)):
+            unit.module = wrapper
     cb.before_calibration(len(act_quantizers(model)))
     calibrate_activations(model, batches, forward_fn)
     cb.after_calibration()
@@ -129,4 +142,12 @@ def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], for
             record = UnitRecord(unit.name, unit.kind, stage_idx, rec, cache.num_bytes(), cache.usage())
             result.records.append(record)
             cb.after_unit(record)
+    if method.compensation is not None:
+        for unit in units:
+            fit = fit_compensation(model, unit.module, batches, forward_fn, method.compensation.ridge,
+                                   method.compensation.validate)
+            if fit is not None:
+                record = UnitRecord(unit.name, unit.kind, len(method.stages), fit, 0)
+                result.records.append(record)
+                cb.after_compensation(record)
     return result

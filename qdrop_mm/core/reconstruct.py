@@ -10,8 +10,9 @@ When done, rounding is hardened and dropping switched off.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,11 +32,16 @@ def output_mse(pred: Tensor, target: Tensor) -> Tensor:
 
 @dataclass
 class ReconResult:
+    """One unit's reconstruction: output MSE and relative error before/after, iterations run, curve."""
+
     loss_before: float
     loss_after: float
     iters: int
     seconds: float
     curve: List[List[float]] = field(default_factory=list)
+    rel_error_before: Optional[float] = None
+    rel_error_after: Optional[float] = None
+    stopped_early: bool = False
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -59,12 +65,23 @@ def mix_inputs(x_fp: Tensor, x_q: Tensor, keep_prob: float) -> Tensor:
 @torch.no_grad()
 def evaluate_unit(unit: nn.Module, cache: UnitCache, device: torch.device, act_quant: bool) -> float:
     """Mean output MSE over every cached batch, the unit fully quantized (no drop)."""
-    total = 0.0
+    return unit_errors(unit, cache, device, act_quant)[0]
+
+
+@torch.no_grad()
+def unit_errors(unit: nn.Module, cache: UnitCache, device: torch.device, act_quant: bool) -> Tuple[float, float]:
+    """(mean output MSE, relative error ||y_q - y||² / ||y||²) over the cache, fully quantized, no drop."""
+    mse = torch.zeros((), dtype=torch.float64, device=device)
+    err = torch.zeros((), dtype=torch.float64, device=device)
+    ref = torch.zeros((), dtype=torch.float64, device=device)
     with quant_state(unit, weight=True, act=act_quant, drop_prob=1.0):
         for i in range(len(cache)):
             _, x_q, target = cache.entry(i, device)
-            total += output_mse(unit(x_q), target).item()
-    return total / len(cache)
+            diff = unit(x_q) - target
+            mse += diff.pow(2).sum(1).mean()
+            err += diff.pow(2).sum()
+            ref += target.pow(2).sum()
+    return mse.item() / len(cache), err.item() / max(ref.item(), 1e-30)
 
 
 def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
@@ -73,7 +90,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
     """Run one stage of reconstruction on ``unit`` and harden its rounding."""
     device = device or next(unit.buffers()).device
     wqs, aqs = weight_quantizers(unit), act_quantizers(unit)
-    loss_before = _mean_across_ranks(evaluate_unit(unit, cache, device, stage.act_quant))
+    loss_before, rel_before = (_mean_across_ranks(v) for v in unit_errors(unit, cache, device, stage.act_quant))
     start = time.perf_counter()
 
     w_params = []
@@ -91,24 +108,42 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
     a_opt = torch.optim.Adam(a_params, lr=stage.a_lr) if a_params else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=stage.iters, eta_min=0.0) if a_opt else None
     reg = RoundingRegularizer(stage.iters, stage.round_weight, stage.warmup, stage.b_start, stage.b_end)
+    stopper = EarlyStopper(stage.early_stop_patience, stage.early_stop_rel_tol) if stage.early_stop_patience else None
 
     curve: List[List[float]] = []
     keep = stage.drop_prob if stage.act_quant else 1.0
+    iters_run, stopped = stage.iters, False
+    forward = torch.compile(unit, dynamic=True) if stage.compile else unit
+    if stage.compile:
+        torch._dynamo.reset()  # graphs of earlier units are done with; each unit gets the full recompile budget
+
+    def loss_and_backward(fwd: Callable[[Tensor], Tensor], x: Tensor, target: Tensor, it: int):
+        rec = output_mse(fwd(x), target)
+        loss = rec
+        round_term = reg(it, wqs) if w_opt is not None else None
+        if round_term is not None:
+            loss = loss + round_term
+        for opt in (w_opt, a_opt):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return rec, loss
+
     try:
         with quant_state(unit, weight=True, act=stage.act_quant, drop_prob=keep), torch.enable_grad():
             for it in range(stage.iters):
                 x_fp, x_q, target = cache.sample(stage.batch_size, device)
                 x = mix_inputs(x_fp, x_q, keep)
-                rec = output_mse(unit(x), target)
-                loss = rec
-                round_term = reg(it, wqs) if w_opt is not None else None
-                if round_term is not None:
-                    loss = loss + round_term
-                if w_opt:
-                    w_opt.zero_grad(set_to_none=True)
-                if a_opt:
-                    a_opt.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    rec, loss = loss_and_backward(forward, x, target, it)
+                except Exception as err:  # noqa: BLE001  a compiled graph failed: the eager unit is always right
+                    if forward is unit:
+                        raise
+                    warnings.warn(f'torch.compile failed for {type(unit).__name__} at iteration {it + 1} '
+                                  f'({type(err).__name__}: {str(err).splitlines()[0][:200]}); '
+                                  f'reconstructing it eagerly from here')
+                    forward = unit
+                    rec, loss = loss_and_backward(forward, x, target, it)
                 _average_gradients(w_params + a_params)
                 if w_opt:
                     w_opt.step()
@@ -124,6 +159,12 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
                     curve.append([it + 1, value])
                     if progress is not None:
                         progress(it + 1, stage.iters, value)
+                    if stopper is not None and stage.early_stop_after * stage.iters <= it + 1 < stage.iters and \
+                            stopper.update(_hardened_probe_mse(unit, cache, device, stage.act_quant)):
+                        iters_run, stopped = it + 1, True
+                        if progress is not None:
+                            progress(stage.iters, stage.iters, value)
+                        break
     finally:
         for q in aqs:
             q.scale.requires_grad_(False)
@@ -131,9 +172,54 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         for q in wqs:
             q.set_mode('hard')
     seconds = time.perf_counter() - start
-    loss_after = _mean_across_ranks(evaluate_unit(unit, cache, device, stage.act_quant))
-    return ReconResult(loss_before, loss_after, stage.iters, seconds, curve)
+    loss_after, rel_after = (_mean_across_ranks(v) for v in unit_errors(unit, cache, device, stage.act_quant))
+    return ReconResult(loss_before, loss_after, iters_run, seconds, curve, rel_before, rel_after, stopped)
 
+
+class EarlyStopper:
+    """Flat-loss test: True once ``patience`` successive checks improved the best value by less than ``rel_tol``."""
+
+    def __init__(self, patience: int, rel_tol: float) -> None:
+        self.patience = patience
+        self.rel_tol = rel_tol
+        self.best = float('inf')
+        self.flat_checks = 0
+
+    def update(self, loss: float) -> bool:
+        if loss < self.best * (1 - self.rel_tol):
+            self.flat_checks = 0
+        else:
+            self.flat_checks += 1
+        self.best = min(self.best, loss)
+        return self.flat_checks >= self.patience
+
+
+PROBE_ENTRIES = 4
+
+
+@torch.no_grad()
+def _hardened_probe_mse(unit: nn.Module, cache: UnitCache, device: torch.device, act_quant: bool) -> float:
+    """Output MSE on the first cached batches with rounding hardened and no drop: what the unit would keep now.
+
+    The soft rounding's training loss falls with the regulariser's schedule whatever happens, so the
+    flat-loss test watches the loss the unit would have if it stopped here.
+    """
+    wqs = weight_quantizers(unit)
+    modes = [q.mode for q in wqs]
+    for q in wqs:
+        if q.mode == 'soft':
+            q.mode = 'hard'
+    try:
+        with quant_state(unit, weight=True, act=act_quant, drop_prob=1.0):
+            total = 0.0
+            n = min(PROBE_ENTRIES, len(cache))
+            for i in range(n):
+                _, x_q, target = cache.entry(i, device)
+                total += output_mse(unit(x_q), target).item()
+    finally:
+        for q, m in zip(wqs, modes):
+            q.mode = m
+    return _mean_across_ranks(total / n)
 
 def _mean_across_ranks(value: float) -> float:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

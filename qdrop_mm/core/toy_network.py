@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .ptq import Unit
 from .qmodules import QuantLayer, QuantResidual
+from .reference_models import calibrate_bn_statistics
 
 
 class BasicBlock(nn.Module):
@@ -65,16 +66,11 @@ def make_toy_setup(seed: int = 0, num_batches: int = 8, batch_size: int = 4, siz
     torch.manual_seed(seed)
     net = ToyNet(width)
     batches = [smooth_images(batch_size, size, g) for _ in range(num_batches)]
-    net.train()
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.uniform_(m.bias, -0.2, 0.2)
-    with torch.no_grad():
-        for b in batches:
-            net(b)
-    net.eval()
+    calibrate_bn_statistics(net, batches, lambda m, b: m(b))
     return net, batches
 
 

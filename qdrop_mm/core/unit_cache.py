@@ -99,6 +99,8 @@ class TensorStore:
             item: object = t.to(self.tiers.device)
         elif tier == 'host':
             item = t.cpu()
+            if self.tiers.device.type == 'cuda':
+                item = item.pin_memory()  # host-to-device copies then run asynchronously
         else:
             path = self.tiers.spill_path(f'{self.name}-{len(self._items)}.pt')
             torch.save(t.cpu().contiguous(), path)
@@ -117,6 +119,16 @@ class TensorStore:
     def in_memory(self) -> bool:
         return all(tier != 'disk' for tier, _, _ in self._items)
 
+    def on_device(self) -> bool:
+        return all(tier == 'device' for tier, _, _ in self._items)
+
+    def stack(self) -> Tensor:
+        """All entries as one tensor along dim 0; the entries become views of it, so memory is not doubled."""
+        stacked = torch.cat([item for _, item, _ in self._items])
+        views = stacked.split([item.shape[0] for _, item, _ in self._items])
+        self._items = [(tier, view, dtype) for (tier, _, dtype), view in zip(self._items, views)]
+        return stacked
+
     def shapes(self) -> set:
         return {tuple(self.load(i).shape) for i in range(len(self))} if self.in_memory() else {None}
 
@@ -124,11 +136,13 @@ class TensorStore:
 class UnitCache:
     """Per calibration batch: x_fp, x_q and target (see the module docstring for storage).
 
-    When every entry is in memory and has the same shape, the cache is sampled
-    row-wise with replacement (classification protocol, any batch size);
-    otherwise one whole entry is drawn per iteration (detection: images of
-    different sizes); the next index is drawn one call ahead so a spilled
-    entry is already being read while the current one trains.
+    When every entry has the same shape and sits where training runs (on the
+    device, or anywhere in memory on a CPU run), the cache is sampled row-wise
+    with replacement (classification protocol, any batch size); otherwise one
+    whole entry is drawn per iteration (detection: images of different sizes,
+    or a cache that spills off the device). The next index is drawn one call
+    ahead, so the next entry is already being copied (pinned host memory, on a
+    side CUDA stream) or read from disk while the current one trains.
     """
 
     def __init__(self, policy: Optional[CachePolicy] = None, device: torch.device = torch.device('cpu')) -> None:
@@ -141,6 +155,8 @@ class UnitCache:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._next: Optional[Tuple[int, Future]] = None
         self._pending: Optional[int] = None
+        self._copy_stream = None
+        self._next_copy: Optional[Tuple[int, Tuple[Tensor, ...], object]] = None
 
     @classmethod
     def from_tensors(cls, x_fp: List[Tensor], x_q: List[Tensor], target: List[Tensor],
@@ -158,8 +174,10 @@ class UnitCache:
         if not (len(self.x_fp) == len(self.x_q) == len(self.target)) or not len(self.x_fp):
             raise ValueError('x_fp, x_q and target must be non-empty and of equal length')
         stores = (self.x_fp, self.x_q, self.target)
-        if all(s.in_memory() for s in stores) and len(self.x_fp.shapes()) == 1 and len(self.target.shapes()) == 1:
-            self._stacked = tuple(torch.cat([s.load(i) for i in range(len(s))]) for s in stores)
+        local = all(s.on_device() for s in stores) or (
+            self.tiers.device.type == 'cpu' and all(s.in_memory() for s in stores))
+        if local and len(self.x_fp.shapes()) == 1 and len(self.target.shapes()) == 1:
+            self._stacked = tuple(s.stack() for s in stores)
 
     def __len__(self) -> int:
         return len(self.x_fp)
@@ -182,6 +200,8 @@ class UnitCache:
             self._pending = self._draw()
         i, self._pending = self._pending, self._draw()
         if self.x_fp.in_memory():
+            if device.type == 'cuda' and not self.x_fp.on_device():
+                return self._copied_ahead(i, device)
             return self.entry(i, device)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1)
@@ -189,6 +209,26 @@ class UnitCache:
             (i, self._pool.submit(self.entry, i, torch.device('cpu')))
         self._next = (self._pending, self._pool.submit(self.entry, self._pending, torch.device('cpu')))
         return tuple(t.to(device) for t in current[1].result())
+
+    def _copied_ahead(self, i: int, device: torch.device) -> Tuple[Tensor, ...]:
+        """Entry i from pinned host memory, copied on a side stream; the next entry's copy starts now."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        current = self._next_copy if self._next_copy is not None and self._next_copy[0] == i else \
+            self._start_copy(i, device)
+        self._next_copy = self._start_copy(self._pending, device)
+        compute = torch.cuda.current_stream(device)
+        compute.wait_event(current[2])
+        for t in current[1]:
+            t.record_stream(compute)
+        return current[1]
+
+    def _start_copy(self, i: int, device: torch.device) -> Tuple[int, Tuple[Tensor, ...], object]:
+        with torch.cuda.stream(self._copy_stream):
+            tensors = self.entry(i, device)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        return i, tensors, event
 
     def _draw(self) -> int:
         return int(torch.randint(0, len(self), ()).item())
@@ -199,6 +239,7 @@ class UnitCache:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._next = None
+        self._next_copy = None
         self._stacked = None
         for s in (self.x_fp, self.x_q, self.target):
             s._items.clear()

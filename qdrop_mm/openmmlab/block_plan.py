@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from qdrop_mm.core import QuantLayer, QuantResidual, Unit
+from qdrop_mm.core.methods import CompensationConfig
 from qdrop_mm.core.quant_state import weight_quantizers
+from qdrop_mm.core.qwt import Compensated, wrap_unit
 
 from .settings import PTQSettings
 
@@ -50,10 +52,15 @@ class UnsupportedModuleError(ValueError):
 
 @dataclass
 class PlanContext:
-    """What rules need while converting: settings, the units found so far, bit choice."""
+    """What rules need while converting: settings, the units found so far, bit choice.
+
+    With ``compensation`` (a QwT method) every unit is wrapped in ``qwt.Compensated`` as it is
+    declared, so quantizing, resuming and loading a saved model all see the same structure.
+    """
 
     settings: PTQSettings
     units: List[Unit] = field(default_factory=list)
+    compensation: Optional[CompensationConfig] = None
     _first_layer_done: bool = False
 
     def layer(self, path: str, layer: nn.Module, bn: Optional[nn.Module] = None,
@@ -72,6 +79,8 @@ class PlanContext:
         return self.settings.bits_for(path, first_layer=False)[1]
 
     def add_unit(self, path: str, module: nn.Module, kind: str) -> nn.Module:
+        if self.compensation is not None:
+            module = wrap_unit(module, self.compensation.placement)
         self.units.append(Unit(path, module, kind))
         return module
 
@@ -89,7 +98,7 @@ def convert(module: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
         return rule(module, path, ctx)
     if is_plain_layer(module):
         return ctx.add_unit(path, ctx.layer(path, module), 'layer')
-    if isinstance(module, (QuantLayer, QuantResidual)):
+    if isinstance(module, (QuantLayer, QuantResidual, Compensated)):
         return module
     ctx.convert_children(module, path)
     return module
@@ -136,7 +145,7 @@ def plan_model(model: nn.Module, settings: PTQSettings,
 
     Without ``example_forward`` the units keep their construction order (enough to load a saved model).
     """
-    ctx = PlanContext(settings)
+    ctx = PlanContext(settings, compensation=settings.build_method().compensation)
     for path, module in resolve_scope(model, settings.scope):
         parent_path, _, name = path.rpartition('.')
         parent = model.get_submodule(parent_path) if parent_path else model

@@ -25,7 +25,8 @@ def build_report(settings: PTQSettings, units: Sequence[Unit], result: Optional[
         r = rec.result
         rows.append({'name': rec.name, 'kind': rec.kind, 'stage': rec.stage, **unit_bits(by_name[rec.name]),
                      'iters': r.iters, 'loss_before': r.loss_before, 'loss_after': r.loss_after,
-                     'seconds': round(r.seconds, 3), 'cache_mb': round(rec.cache_bytes / 2 ** 20, 3),
+                     'rel_error_before': r.rel_error_before, 'rel_error_after': r.rel_error_after,
+                     'stopped_early': r.stopped_early, 'seconds': round(r.seconds, 3), 'cache_mb': round(rec.cache_bytes / 2 ** 20, 3),
                      'curve': r.curve})
     report = {
         'settings': settings.to_dict(),

@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -155,13 +156,12 @@ def record_to_dict(rec: UnitRecord) -> Dict[str, Any]:
     r = rec.result
     return {'name': rec.name, 'kind': rec.kind, 'stage': rec.stage, 'cache_bytes': int(rec.cache_bytes),
             'cache_usage': {k: int(v) for k, v in getattr(rec, 'cache_usage', {}).items()},
-            'loss_before': r.loss_before, 'loss_after': r.loss_after, 'iters': r.iters, 'seconds': r.seconds,
-            'curve': r.curve}
+            **asdict(r)}
 
 
 def record_from_dict(d: Dict[str, Any]) -> UnitRecord:
-    result = ReconResult(float(d['loss_before']), float(d['loss_after']), int(d['iters']), float(d['seconds']),
-                         [list(p) for p in d['curve']])
+    fields = set(ReconResult.__dataclass_fields__)
+    result = ReconResult(**{k: v for k, v in d.items() if k in fields})
     record = UnitRecord(d['name'], d['kind'], int(d['stage']), result, int(d['cache_bytes']))
     if hasattr(record, 'cache_usage'):
         record.cache_usage = dict(d.get('cache_usage', {}))

@@ -111,7 +111,7 @@ class PTQSettings:
             raise PTQConfigError(f'ptq.method_options has unknown key(s) {bad}; '
                                  f'allowed: {sorted(TUNABLE_STAGE_OPTIONS)}')
         for key, value in opts.items():
-            integer = key in ('batch_size', 'log_interval')
+            integer = key in ('batch_size', 'log_interval', 'early_stop_patience')
             if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
                     or not math.isfinite(value)):
                 raise PTQConfigError(f'ptq.method_options.{key} must be a finite '
@@ -148,7 +148,8 @@ class PTQSettings:
         """Where unit caches live: ``ptq.cache`` with budgets in GiB; spills go under the work dir."""
         c = self.cache
         spill = os.path.join(work_dir, 'cache_spill') if c.get('spill', True) else None
-        return CachePolicy(dtype=c.get('dtype', 'float32'), device_budget=int(c.get('device_budget_gb', 0) * GiB),
+        return CachePolicy(dtype=c.get('dtype', 'float32'),
+                           device_budget=_device_budget(c.get('device_budget_gb', 'auto')),
                            host_budget=int(c.get('host_budget_gb', 16) * GiB), spill_dir=spill)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -171,11 +172,28 @@ def _cache_options(value: Any) -> Dict[str, Any]:
         raise PTQConfigError(f"ptq.cache.dtype must be one of {sorted(DTYPES)}, got {value['dtype']!r}")
     for key in ('device_budget_gb', 'host_budget_gb'):
         v = value.get(key, 0)
+        if key == 'device_budget_gb' and v == 'auto':
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise PTQConfigError(f'ptq.cache.{key} must be a number >= 0 (GiB), got {v!r}')
+            allowed = "a number >= 0 (GiB) or 'auto'" if key == 'device_budget_gb' else 'a number >= 0 (GiB)'
+            raise PTQConfigError(f'ptq.cache.{key} must be {allowed}, got {v!r}')
     if not isinstance(value.get('spill', True), bool):
         raise PTQConfigError(f"ptq.cache.spill must be True or False, got {value['spill']!r}")
     return dict(value)
+
+
+AUTO_DEVICE_FRACTION = 0.5
+
+
+def _device_budget(value: Any) -> int:
+    """Bytes of device memory for unit caches; 'auto' = half of the GPU memory free now (0 without a GPU)."""
+    if value != 'auto':
+        return int(value * GiB)
+    import torch
+    if not torch.cuda.is_available():
+        return 0
+    free, _ = torch.cuda.mem_get_info()
+    return int(free * AUTO_DEVICE_FRACTION)
 
 
 def _override(prefix: Any, value: Any) -> BitOverride:

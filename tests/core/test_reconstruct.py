@@ -104,3 +104,47 @@ def test_nan_loss_is_reported_with_iteration(toy):
                                 [torch.full((2, 16, 8, 8), float('nan'))])
     with pytest.raises(NonFiniteLossError, match='iteration 0'):
         reconstruct_unit(units[1].module, bad, StageConfig(iters=5, log_interval=1))
+
+
+def _toy_unit_cache(method: str, **stage_kw):
+    net, batches = make_toy_setup(seed=0, num_batches=4, batch_size=4, size=16)
+    units = quantize_toy_net(net, w_bits=2, a_bits=4)
+    calibrate_activations(net, batches, toy_forward)
+    stage = build_method(method, **stage_kw).stages[0]
+    return units[1].module, build_unit_cache(net, units[1].module, batches, toy_forward, stage), stage
+
+
+def test_early_stop_after_flat_checks_past_the_given_fraction():
+    kw = dict(iters=400, log_interval=20, early_stop_after=0.5, early_stop_rel_tol=0.9)
+    unit, cache, stage = _toy_unit_cache('adaround', early_stop_patience=2, **kw)
+    torch.manual_seed(0)
+    res = reconstruct_unit(unit, cache, stage)
+    # checks at 200 (first: sets the best), 220 (flat 1), 240 (flat 2 -> stop)
+    assert res.stopped_early and res.iters == 240 and res.curve[-1][0] == 240
+    assert all(wq.mode == 'hard' for wq in weight_quantizers(unit))
+    assert res.loss_after < res.loss_before and 0 < res.rel_error_after < res.rel_error_before
+    unit, cache, stage = _toy_unit_cache('adaround', early_stop_patience=0, **kw)
+    full = reconstruct_unit(unit, cache, stage)
+    assert not full.stopped_early and full.iters == 400
+
+
+def test_compile_failure_falls_back_to_eager_with_identical_result(monkeypatch):
+    unit, cache, stage = _toy_unit_cache('qdrop', iters=30, log_interval=10)
+    state = copy.deepcopy(unit.state_dict())
+    torch.manual_seed(0)
+    eager = reconstruct_unit(unit, cache, stage)
+    eager_state = copy.deepcopy(unit.state_dict())
+
+    def broken_compile(module, **kw):
+        def run(x):
+            raise RuntimeError('backend exploded')
+        return run
+
+    unit.load_state_dict(state)
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    from dataclasses import replace
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match='torch.compile failed .* backend exploded'):
+        fallback = reconstruct_unit(unit, cache, replace(stage, compile=True))
+    assert fallback.loss_after == eager.loss_after
+    assert all(torch.equal(v, eager_state[k]) for k, v in unit.state_dict().items())

@@ -83,3 +83,13 @@ def test_spilled_cache_evaluates_like_in_memory_and_ptq_stays_in_budget(tmp_path
     assert any(r.cache_usage['disk'] > 0 for r in result.records)
     assert sum(r.result.loss_after for r in result.records) < sum(r.result.loss_before for r in result.records)
     assert not os.path.exists(tmp_path / 'ptq') or not any((tmp_path / 'ptq').iterdir())
+
+
+def test_stacked_cache_shares_memory_with_its_entries():
+    xs = _tensors()
+    cache = UnitCache.from_tensors(xs, xs, xs)
+    stacked = cache._stacked[0]
+    assert stacked.shape[0] == sum(x.shape[0] for x in xs)
+    assert cache.x_fp.load(1).untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    assert cache.num_bytes() == 3 * sum(x.numel() * 4 for x in xs)
+    assert torch.equal(cache.x_fp.load(2), xs[2])

@@ -32,3 +32,13 @@ def test_bits_for_first_layer_and_overrides():
     assert s.bits_for('backbone.layer4.0.conv1', first_layer=False) == (6, 4)
     assert s.bits_for('backbone.layer4.1', first_layer=False) == (6, 8)
     assert s.bits_for('backbone.layer40', first_layer=False) == (2, 4)
+
+
+def test_device_budget_auto_is_zero_without_gpu_and_bad_values_name_the_key():
+    import torch
+    from qdrop_mm.openmmlab.settings import PTQConfigError
+    s = PTQSettings.from_cfg(dict(cache=dict(device_budget_gb='auto')))
+    if not torch.cuda.is_available():
+        assert s.cache_policy('/tmp').device_budget == 0
+    with pytest.raises(PTQConfigError, match=r"ptq.cache.device_budget_gb must be a number >= 0 \(GiB\) or 'auto'"):
+        PTQSettings.from_cfg(dict(cache=dict(device_budget_gb='lots')))
