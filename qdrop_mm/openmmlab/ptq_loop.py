@@ -55,6 +55,34 @@ QUANTIZED_FILE = 'quantized.pth'
 REPORT_FILE = 'ptq_report.json'
 
 
+def rebuild_quantized(model: torch.nn.Module, path: str, settings: PTQSettings) -> Tuple[PTQSettings, ModelPlan]:
+    """Convert ``model`` in place to the quantized structure saved in ``path`` and load its state.
+
+    The settings stored in the checkpoint win over ``settings`` (those of the config). Raises
+    ``PTQConfigError`` with a one-line message when the file is not a quantized checkpoint of this model.
+    """
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
+        raise PTQConfigError(f'{path} is not a qdrop_mm quantized checkpoint (no state_dict)')
+    saved = ckpt.get('meta', {}).get('ptq')
+    if saved is not None:
+        settings = PTQSettings.from_cfg(saved)
+    try:
+        plan = plan_model(model, settings)
+    except ValueError as err:
+        raise PTQConfigError(f'{path}: {err}') from None
+    try:
+        missing, unexpected = model.load_state_dict(ckpt['state_dict'], strict=False)
+    except RuntimeError as err:
+        shapes = [line.strip() for line in str(err).splitlines() if 'size mismatch' in line]
+        raise PTQConfigError(f'{path} does not fit this model: {len(shapes)} tensors of another shape '
+                             f'(e.g. {shapes[0] if shapes else str(err).splitlines()[0]})') from None
+    if missing or unexpected:
+        raise PTQConfigError(f'{path} does not fit this model: {len(missing)} missing keys (e.g. {missing[:3]}), '
+                             f'{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})')
+    return settings, plan
+
+
 class NonFiniteUnitError(PTQError, FloatingPointError):
     """A unit's reconstruction loss became NaN/inf; the finished units are kept for --resume."""
 
@@ -93,6 +121,12 @@ class LoggingCallbacks(PTQCallbacks):
         self.logger.info(f'{record.name}: output MSE {r.loss_before:.5g} -> {r.loss_after:.5g} '
                          f'({r.iters} it, {r.seconds:.1f} s, cache {record.cache_bytes / 2 ** 20:.1f} MiB)')
 
+    def after_compensation(self, record: UnitRecord) -> None:
+        r = record.result
+        kept = '' if r.loss_after < r.loss_before else ', left uncompensated: no fit validated better than none'
+        self.logger.info(f'[QwT] {record.name}: residual MSE {r.loss_before:.5g} -> {r.loss_after:.5g} '
+                         f'(closed form, {r.seconds:.2f} s{kept})')
+
 
 class ResumableCallbacks(LoggingCallbacks):
     """Logging plus: skipping restored units, saving the resume state after calibration and each unit."""
@@ -124,6 +158,10 @@ class ResumableCallbacks(LoggingCallbacks):
 
     def should_skip(self, stage_idx: int, unit: Unit) -> bool:
         return (stage_idx, unit.name) in self.finished
+
+    def after_compensation(self, record: UnitRecord) -> None:
+        super().after_compensation(record)
+        self.records.append(record)  # not saved for --resume: the pass reruns whole (seconds, no randomness)
 
     def before_unit(self, stage_idx: int, unit: Unit) -> None:
         super().before_unit(stage_idx, unit)
@@ -302,20 +340,7 @@ class PTQLoop(TestLoop):
 
     def load(self, path: str) -> Dict[str, Any]:
         """Rebuild the quantized structure and load a saved quantized state dict."""
-        ckpt = safe_load(path)
-        if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
-            raise PTQConfigError(f'{path} is not a qdrop_mm quantized checkpoint (no state_dict)')
-        saved = ckpt.get('meta', {}).get('ptq')
-        if saved is not None:
-            self.settings = PTQSettings.from_cfg(saved)
-        try:
-            self.plan = plan_model(self.model, self.settings)
-        except ValueError as err:
-            raise PTQConfigError(f'{path}: {err}') from None
-        missing, unexpected = self.model.load_state_dict(ckpt['state_dict'], strict=False)
-        if missing or unexpected:
-            raise PTQConfigError(f'{path} does not fit this model: {len(missing)} missing keys (e.g. {missing[:3]}), '
-                                 f'{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})')
+        self.settings, self.plan = rebuild_quantized(self.model, path, self.settings)
         self.runner.logger.info(f'loaded quantized model from {path}')
         return {'result': None, 'timings': {}}
 

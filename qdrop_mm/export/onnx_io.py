@@ -1,0 +1,178 @@
+"""Write an export-form model to ONNX, inspect its Q/DQ nodes, run it in onnxruntime.
+
+Plain PyTorch + onnx/onnxruntime (imported when called). Export uses the
+TorchScript exporter (``dynamo=False``): it maps the ``symbolic`` methods of
+:mod:`.onnx_qdq` to QuantizeLinear/DequantizeLinear without onnxscript.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 13  # per-axis DequantizeLinear
+OPTIMIZATION_LEVELS = ('disable', 'basic', 'extended', 'all')
+BIAS_QUANTIZATION_PASS = 'WeightBiasQuantization'
+
+
+def require_onnx() -> None:
+    """Raise ImportError with the install line when onnx/onnxruntime are missing."""
+    missing = []
+    for name in ('onnx', 'onnxruntime'):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ImportError(f'{" and ".join(missing)} not installed: pip install the versions pinned in '
+                          f'requirements/lock.txt (onnx, onnxruntime)')
+
+
+class MethodForward(nn.Module):
+    """Exposes ``model.<method>(x)`` as ``forward`` with a tuple output, e.g. a detector's ``extract_feat``."""
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        super().__init__()
+        if not callable(getattr(model, method, None)):
+            raise ValueError(f'{type(model).__name__} has no method {method!r} to export')
+        self.model = model
+        self.method = method
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        out = getattr(self.model, self.method)(x)
+        return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+
+def export_onnx(module: nn.Module, example: Tensor, path: str, opset: int = DEFAULT_OPSET,
+                dynamic: bool = False) -> List[str]:
+    """Export ``module`` (an export-form model from :func:`to_qdq`) to ``path``; returns the output names.
+
+    ``dynamic`` marks batch, height and width of the input (and all output dims) as dynamic.
+    """
+    require_onnx()
+    if opset < MIN_OPSET:
+        raise ValueError(f'opset must be >= {MIN_OPSET} (per-channel DequantizeLinear), got {opset}')
+    module = module.eval()
+    with torch.no_grad():
+        outputs = module(example)
+    n_out = len(outputs) if isinstance(outputs, (list, tuple)) else 1
+    output_names = [f'out{i}' for i in range(n_out)]
+    dynamic_axes = None
+    if dynamic:
+        dynamic_axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
+        dynamic_axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'} for n in output_names})
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)  # dynamo=False is deprecated, not removed, in 2.13
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        torch.onnx.export(module, (example,), path, dynamo=False, opset_version=opset, input_names=['input'],
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    inline_shared_constants(path)
+    return output_names
+
+
+def inline_shared_constants(path: str) -> int:
+    """Replace ``Identity(initializer)`` nodes by copies of the initializer; returns how many.
+
+    The TorchScript exporter stores equal constants once (e.g. every zero point 0) and aliases the
+    others through Identity nodes; consumers that pattern-match Q/DQ want the constants themselves.
+    """
+    import onnx
+    model = onnx.load(path)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    aliases = [n for n in graph.node if n.op_type == 'Identity' and n.input[0] in inits]
+    for node in aliases:
+        copy_ = onnx.TensorProto()
+        copy_.CopyFrom(inits[node.input[0]])
+        copy_.name = node.output[0]
+        graph.initializer.append(copy_)
+        graph.node.remove(node)
+    if aliases:
+        onnx.save(model, path)
+    return len(aliases)
+
+
+def qdq_node_counts(path: str) -> Dict[str, int]:
+    """Number of nodes per op type in the ONNX graph at ``path``."""
+    import onnx
+    counts: Dict[str, int] = {}
+    for node in onnx.load(path).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@dataclass
+class WeightConstant:
+    """One per-channel weight DequantizeLinear whose integer input is a constant."""
+
+    name: str
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+
+def weight_constants(path: str) -> List[WeightConstant]:
+    """The integer weight initializers feeding DequantizeLinear nodes, in graph order."""
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.load(path).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    found = []
+    for node in graph.node:
+        if node.op_type != 'DequantizeLinear' or node.input[0] not in inits:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == 'axis'), 1)
+        zp = inits[node.input[2]] if len(node.input) > 2 else np.zeros((), inits[node.input[0]].dtype)
+        found.append(WeightConstant(node.input[0], inits[node.input[0]], inits[node.input[1]], zp, axis))
+    return found
+
+
+def run_onnxruntime(path: str, x: Tensor, optimization: str = 'all', quantize_bias: bool = False,
+                    extra_outputs: Sequence[str] = ()) -> List[np.ndarray]:
+    """Outputs of the graph at ``path`` for input ``x`` on onnxruntime's CPU provider.
+
+    ``quantize_bias=False`` switches off onnxruntime's ``WeightBiasQuantization`` pass, which rounds a
+    float conv bias to int32 at scale s_x·s_w; the graph is then computed with the float bias it holds
+    (as the PyTorch model does). ``True`` runs onnxruntime's default session. ``extra_outputs`` names
+    intermediate tensors to return after the graph outputs.
+    """
+    import onnx
+    import onnxruntime as ort
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ValueError(f'optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}')
+    level = {'disable': ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+             'basic': ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+             'extended': ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+             'all': ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    disabled = [] if quantize_bias else [BIAS_QUANTIZATION_PASS]
+    source: object = path
+    if extra_outputs:
+        model = onnx.load(path)
+        for name in extra_outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        source = model.SerializeToString()
+    session = ort.InferenceSession(source, opts, providers=['CPUExecutionProvider'], disabled_optimizers=disabled)
+    return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+
+
+def activation_qdq_outputs(path: str) -> List[Tuple[str, str]]:
+    """(module path, DequantizeLinear output) of every activation Q/DQ pair, in graph order.
+
+    The module path comes from the QuantizeLinear scale's initializer name, ``<module path>.scale``.
+    """
+    import onnx
+    graph = onnx.load(path).graph
+    dq_of = {n.input[0]: n for n in graph.node if n.op_type == 'DequantizeLinear'}
+    pairs = []
+    for node in graph.node:
+        if node.op_type == 'QuantizeLinear' and node.output[0] in dq_of and node.input[1].endswith('.scale'):
+            pairs.append((node.input[1][:-len('.scale')], dq_of[node.output[0]].output[0]))
+    return pairs
