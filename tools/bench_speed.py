@@ -175,6 +175,7 @@ class UnitMeter(PTQCallbacks):
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.rows: List[Dict] = []
+        self.compensation: List[Dict] = []
         self._t0 = 0.0
         self.clock = SteadyClock()
 
@@ -199,6 +200,11 @@ class UnitMeter(PTQCallbacks):
                           'peak_mb': peak_memory_mb(self.device), 'loss_before': r.loss_before,
                           'loss_after': r.loss_after})
 
+    def after_compensation(self, record) -> None:
+        r = record.result
+        self.compensation.append({'unit': record.name, 'fit_s': r.seconds, 'rel_error_before': r.rel_error_before,
+                                  'rel_error_after': r.rel_error_after})
+
 
 def bench_e2e(args, device) -> dict:
     torch.manual_seed(0)
@@ -216,18 +222,21 @@ def bench_e2e(args, device) -> dict:
                          host_budget=int(args.host_budget_gb * GiB), spill_dir=args.spill_dir)
     t0 = time.perf_counter()
     run_ptq(net, units, batches, features_forward,
-            build_method('qdrop', iters=args.e2e_iters, log_interval=args.e2e_iters // 2, compile=args.compile),
-            meter, policy)
+            build_method(args.e2e_method, iters=args.e2e_iters, log_interval=args.e2e_iters // 2,
+                         compile=args.compile), meter, policy)
     sync(device)
     wall = time.perf_counter() - t0
     images = 2 * len(batches)
-    estimate_s = sum(r['recon_s_per_iter'] * FULL_ITERS + r['first_iters_overhead_s']
+    estimate_s = sum(r['recon_s_per_iter'] * FULL_ITERS + max(r['first_iters_overhead_s'], 0.0)
                      + r['capture_and_eval_s'] * FULL_IMAGES / images for r in meter.rows)
-    return {'input': [2, 3, h, w], 'widths': widths, 'compile': args.compile, 'images': images,
+    estimate_s += sum(r['fit_s'] for r in meter.compensation) * FULL_IMAGES / images
+    return {'input': [2, 3, h, w], 'widths': widths, 'method': args.e2e_method, 'compile': args.compile,
+            'images': images,
             'iters_per_unit': args.e2e_iters, 'wall_s': wall,
             'cache_policy': {'dtype': args.cache_dtype, 'device_budget_gb': args.device_budget_gb,
                              'host_budget_gb': args.host_budget_gb},
-            'units': meter.rows, 'estimate_20k_iters_256_images_h': estimate_s / 3600}
+            'units': meter.rows, 'compensation': meter.compensation,
+            'estimate_20k_iters_256_images_h': estimate_s / 3600}
 
 
 def device_name(device: torch.device) -> str:
@@ -249,13 +258,18 @@ def print_tables(result: dict) -> None:
     e2e = result.get('e2e')
     if e2e:
         print(f"\nend to end: ResNet-50 + FPN, input {'x'.join(map(str, e2e['input']))} (widths {e2e['widths']}), "
-              f"{e2e['images']} images, {e2e['iters_per_unit']} it/unit, compile={e2e['compile']}, "
+              f"{e2e['images']} images, {e2e['method']}, {e2e['iters_per_unit']} it/unit, compile={e2e['compile']}, "
               f"cache {e2e['cache_policy']}: wall {e2e['wall_s']:.1f} s")
         print(f"{'unit':<12} {'recon ms/it':>11} {'warm-up s':>9} {'capture s':>9} {'cache MB':>9} {'peak MB':>9}")
         for r in e2e['units']:
-            print(f"{r['unit']:<12} {r['recon_s_per_iter'] * 1e3:>11.1f} {r['first_iters_overhead_s']:>9.2f} "
-                  f"{r['capture_and_eval_s']:>9.2f} "
+            print(f"{r['unit']:<12} {r['recon_s_per_iter'] * 1e3:>11.1f} "
+                  f"{max(r['first_iters_overhead_s'], 0.0):>9.2f} {r['capture_and_eval_s']:>9.2f} "
                   f"{r['cache_mb']:>9.1f} {r['peak_mb']:>9.0f}")
+        if e2e['compensation']:
+            fits = e2e['compensation']
+            print(f"QwT compensation: {len(fits)} units fitted in {sum(r['fit_s'] for r in fits):.1f} s; relative "
+                  f"output error summed over units {sum(r['rel_error_before'] for r in fits):.3f} -> "
+                  f"{sum(r['rel_error_after'] for r in fits):.3f}")
         print(f"estimate, Faster R-CNN R50-FPN W4A4 backbone+neck at {FULL_ITERS} it/unit and {FULL_IMAGES} "
               f"images: {e2e['estimate_20k_iters_256_images_h']:.2f} h")
 
@@ -268,6 +282,7 @@ def main(argv=None) -> dict:
     p.add_argument('--variants', nargs='+', default=['reference', 'fused'], choices=VARIANTS)
     p.add_argument('--e2e-images', type=int, default=0, help='images for the end-to-end run (0: skip it)')
     p.add_argument('--e2e-iters', type=int, default=20, help='reconstruction iterations per unit end to end')
+    p.add_argument('--e2e-method', default='qdrop', help='method of the end-to-end run (e.g. qwt: no iterations)')
     p.add_argument('--compile', action='store_true', help='end to end with method_options.compile=True')
     p.add_argument('--mixed-shapes', action='store_true', help='end to end with two image widths (as keep-ratio '
                    'resizing gives), so batches differ in shape')

@@ -64,7 +64,8 @@ class Compensated(nn.Module):
         self.unit = unit
         self.register_module('compensation', None)
         self.out_quantizer = out_quantizer
-        self.register_buffer('compensation_stride', torch.ones(2, dtype=torch.long))
+        device = next(unit.buffers(), next(unit.parameters(), torch.empty(0))).device
+        self.register_buffer('compensation_stride', torch.ones(2, dtype=torch.long, device=device))
         self.register_load_state_dict_pre_hook(_build_compensation_from_state)
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from .quant_state import act_quantizers, quant_state, weight_quantizers
 from .unit_cache import UnitCache
 
 ProgressFn = Callable[[int, int, float], None]
+ExtraLossFn = Callable[[int], Optional[Tensor]]
 
 
 def output_mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -42,6 +43,7 @@ class ReconResult:
     rel_error_before: Optional[float] = None
     rel_error_after: Optional[float] = None
     stopped_early: bool = False
+    extra: Dict[str, float] = field(default_factory=dict)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,8 +88,13 @@ def unit_errors(unit: nn.Module, cache: UnitCache, device: torch.device, act_qua
 
 def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
                      device: Optional[torch.device] = None,
-                     progress: Optional[ProgressFn] = None) -> ReconResult:
-    """Run one stage of reconstruction on ``unit`` and harden its rounding."""
+                     progress: Optional[ProgressFn] = None,
+                     extra_loss: Optional[ExtraLossFn] = None) -> ReconResult:
+    """Run one stage of reconstruction on ``unit`` and harden its rounding.
+
+    ``extra_loss(iteration)``, when given, returns a term added to the loss (or None to skip it this
+    iteration); it runs inside the unit's training quantizer state (e.g. PD-Quant's prediction term).
+    """
     device = device or next(unit.buffers()).device
     wqs, aqs = weight_quantizers(unit), act_quantizers(unit)
     loss_before, rel_before = (_mean_across_ranks(v) for v in unit_errors(unit, cache, device, stage.act_quant))
@@ -113,7 +120,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
     curve: List[List[float]] = []
     keep = stage.drop_prob if stage.act_quant else 1.0
     iters_run, stopped = stage.iters, False
-    forward = torch.compile(unit, dynamic=True) if stage.compile else unit
+    forward = torch.compile(unit) if stage.compile else unit
     if stage.compile:
         torch._dynamo.reset()  # graphs of earlier units are done with; each unit gets the full recompile budget
 
@@ -123,6 +130,9 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         round_term = reg(it, wqs) if w_opt is not None else None
         if round_term is not None:
             loss = loss + round_term
+        extra_term = extra_loss(it) if extra_loss is not None else None
+        if extra_term is not None:
+            loss = loss + extra_term
         for opt in (w_opt, a_opt):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)

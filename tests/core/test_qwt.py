@@ -212,3 +212,10 @@ def test_two_ranks_fit_one_compensation_from_summed_statistics(tmp_path):
     run_ptq(q, quantize_toy_net(q, 4, 4), batches[0::2], toy_forward, build_method('qwt'))
     alone = q.state_dict()
     assert all(not torch.allclose(alone[k], a[k]) for k in keys)
+
+
+def test_wrapper_buffers_follow_the_unit_device():
+    from qdrop_mm.core.qwt import wrap_unit
+    unit = QuantLayer(nn.Conv2d(3, 4, 3, padding=1), 4, a_bits=4).to('meta')
+    wrapper = wrap_unit(unit)
+    assert wrapper.compensation_stride.device.type == 'meta'
