@@ -128,6 +128,7 @@ def main(argv=None) -> dict:
     from mmengine.runner import Runner
     from qdrop_mm.openmmlab import install_safe_mmengine_loading
     from qdrop_mm.openmmlab.checkpoint import UnreadableCheckpointError, UnsafeCheckpointError
+    from qdrop_mm.core.unit_cache import CacheBudgetError
     from qdrop_mm.openmmlab.settings import PTQError
     try:
         cfg = build_cfg(args)
@@ -141,8 +142,8 @@ def main(argv=None) -> dict:
     try:
         runner = Runner.from_cfg(cfg)
         return runner.test()
-    except PTQError as err:
-        message = str(err)
+    except (PTQError, CacheBudgetError) as err:
+        message = str(err) if isinstance(err, PTQError) else f'out of cache budget: {err} (ptq.cache)'
         if isinstance(err, (UnreadableCheckpointError, UnsafeCheckpointError)) and cfg.get('load_from') \
                 and str(cfg.load_from) in message:
             message = f'--checkpoint / load_from: {message}'

@@ -111,6 +111,8 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         for q in aqs:
             q.scale.requires_grad_(True)
             a_params.append(q.scale)
+    if not (w_params or a_params):  # e.g. BRECQ's activation stage on a unit without activation quantizers
+        return ReconResult(loss_before, loss_before, 0, 0.0, [], rel_before, rel_before)
     w_opt = torch.optim.Adam(w_params, lr=stage.w_lr) if w_params else None
     a_opt = torch.optim.Adam(a_params, lr=stage.a_lr) if a_params else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=stage.iters, eta_min=0.0) if a_opt else None

@@ -148,3 +148,17 @@ def test_compile_failure_falls_back_to_eager_with_identical_result(monkeypatch):
         fallback = reconstruct_unit(unit, cache, replace(stage, compile=True))
     assert fallback.loss_after == eager.loss_after
     assert all(torch.equal(v, eager_state[k]) for k, v in unit.state_dict().items())
+
+
+def test_stage_with_nothing_to_learn_leaves_the_unit_unchanged():
+    from qdrop_mm.core import QuantLayer
+    torch.manual_seed(0)
+    layer = QuantLayer(torch.nn.Conv2d(4, 4, 3, padding=1), 4)  # no activation quantizer: like an FPN output conv
+    xs = [torch.randn(2, 4, 6, 6) for _ in range(3)]
+    with torch.no_grad():
+        cache = UnitCache.from_tensors(xs, xs, [layer(x) * 1.1 for x in xs])
+    acts_only = build_method('brecq', iters=10, act_iters=10).stages[1]
+    state = copy.deepcopy(layer.state_dict())
+    res = reconstruct_unit(layer, cache, acts_only)
+    assert res.iters == 0 and res.loss_after == res.loss_before > 0
+    assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())

@@ -49,7 +49,7 @@ def assert_no_outputs(work):
 # (id, cfg-options, extra CLI args, checkpoint, expected message parts: the key and the allowed values)
 CASES = [
     ('method', ['ptq.method=qdorp'], [], 'good',
-     ["ptq.method must be one of ['adaround', 'brecq', 'qdrop'", "'rtn'", "'qdorp'"]),
+     ["ptq.method must be one of ['adaround', 'brecq'", "'qdrop'", "'rtn'", "'qdorp'"]),
     ('w_bits_range', ['ptq.w_bits=9'], [], 'good', ['ptq.w_bits must be an integer from 2 to 8', '9']),
     ('a_bits_float', ['ptq.a_bits=4.5'], [], 'good', ['ptq.a_bits must be an integer from 2 to 8', '4.5']),
     ('first_layer_bits', ['ptq.first_layer_bits=1'], [], 'good',
@@ -106,6 +106,14 @@ def test_read_only_work_dir(ckpts, coco128, tmp_path):
     work.mkdir(mode=0o500)
     with pytest.raises(SystemExit, match='is not a writable folder'):
         run_tool(work, ckpts['good'], coco128)
+
+
+def test_cache_over_budget_is_one_line_naming_ptq_cache(ckpts, coco128, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        run_tool(tmp_path / 'work', ckpts['good'], coco128, ['ptq.cache.host_budget_gb=0', 'ptq.cache.spill=False'])
+    message = str(exc.value.code)
+    assert message.startswith('error: out of cache budget: ') and '(ptq.cache)' in message and '\n' not in message
+    assert_no_outputs(tmp_path / 'work')
 
 
 def test_cli_prints_error_and_exits_nonzero_without_traceback(ckpts, coco128, tmp_path):
