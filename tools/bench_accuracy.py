@@ -1,11 +1,15 @@
 """Accuracy benchmark on the demo models: FP vs RTN / AdaRound / BRECQ / QDrop at several bit widths.
 
-    python tools/bench_accuracy.py [--models faster_rcnn_r18_fpn_shapes ...] [--bits 4/4 2/4 8/8]
-        [--methods rtn adaround brecq qdrop] [--iters 500] [--num-images 32]
+    python tools/bench_accuracy.py [--models faster_rcnn_r18_fpn_shapes ...] [--bits 4/4 2/4]
+        [--methods rtn adaround brecq qdrop] [--sanity-bits 8/8] [--sanity-methods rtn qdrop]
+        [--iters 300] [--num-images 32] [--threads 1]
 
 Trains (or reuses) each demo FP model, runs tools/ptq.py for every method and
-bit width with the given iterations per unit, prints a table like the papers'
-and writes work_dirs/bench_accuracy/results.json and accuracy.png.
+bit width with the given iterations per unit (plus the sanity bit widths for
+the sanity methods), prints a table like the papers' and writes
+work_dirs/bench_accuracy/results.json and accuracy.png. Runs already in
+results.json with the same settings are reused, so an interrupted benchmark
+continues and new methods can be added later.
 """
 from __future__ import annotations
 
@@ -24,17 +28,46 @@ METRIC = {'faster_rcnn_r18_fpn_shapes': 'coco/bbox_mAP', 'retinanet_r18_fpn_shap
           'sem_fpn_r18_shapes': 'mIoU'}
 
 
+def run_key(run: dict) -> tuple:
+    return (run['method'], run['w_bits'], run['a_bits'], run.get('iters'), run.get('num_images'),
+            tuple(run.get('options', ())))
+
+
+def label(run: dict) -> str:
+    """Method name, with any extra options, as the table shows it."""
+    return run['method'] + (f"[{','.join(o.replace('ptq.', '') for o in run['options'])}]" if run.get('options') else '')
+
+
 def run_one(model: str, method: str, w_bits: int, a_bits: int, args, fp_ckpt: str) -> dict:
     from tools.ptq import main as ptq_main
     cfg = osp.join(REPO, 'configs/demo', f'{model}.py')
-    work = osp.join(args.out, model, f'{method}_w{w_bits}a{a_bits}')
+    work = osp.join(args.out, model, f'{method}_w{w_bits}a{a_bits}_{args.iters}it' + ''.join(
+        '_' + o.replace('ptq.', '').replace('=', '') for o in args.options))
     opts = [f'ptq.method={method}', f'ptq.w_bits={w_bits}', f'ptq.a_bits={a_bits}', f'ptq.iters={args.iters}',
             f'ptq.act_iters={max(1, args.iters // 4)}', f'ptq.num_images={args.num_images}',
-            'ptq.calib_num_workers=0']
+            'ptq.calib_num_workers=0', *args.options]
     t0 = time.perf_counter()
     metrics = ptq_main([cfg, '--checkpoint', fp_ckpt, '--work-dir', work, '--cfg-options', *opts])
-    return {'model': model, 'method': method, 'w_bits': w_bits, 'a_bits': a_bits,
-            'metrics': {k: float(v) for k, v in metrics.items()}, 'seconds': time.perf_counter() - t0}
+    return {'model': model, 'method': method, 'w_bits': w_bits, 'a_bits': a_bits, 'iters': args.iters,
+            'num_images': args.num_images, 'options': list(args.options), 'metrics': {k: float(v) for k, v in metrics.items()},
+            'seconds': time.perf_counter() - t0}
+
+
+NO_ITERATIONS = ('rtn', 'qwt')
+
+
+def row_name(run: dict) -> str:
+    return label(run) if run['method'] in NO_ITERATIONS else f"{label(run)}, {run.get('iters')} it"
+
+
+def row_names(res: dict, methods) -> list:
+    """Table rows: the given methods in order, one row per option set and iteration count."""
+    return list(dict.fromkeys(row_name(r) for m in methods for r in res['runs'] if r['method'] == m))
+
+
+def cell(res: dict, name: str, wa: tuple, key: str):
+    vals = [r['metrics'].get(key) for r in res['runs'] if row_name(r) == name and (r['w_bits'], r['a_bits']) == wa]
+    return vals[-1] if vals else None
 
 
 def table(results: dict, methods, bits) -> str:
@@ -42,11 +75,10 @@ def table(results: dict, methods, bits) -> str:
     for model, res in results['models'].items():
         key = METRIC.get(model, 'coco/bbox_mAP')
         lines.append(f"\n{model} ({key}; FP {res['fp'].get(key, float('nan')):.3f})")
-        lines.append(f"{'method':<10}" + ''.join(f'{"W%dA%d" % wa:>10}' for wa in bits))
-        for m in methods:
-            vals = {(r['w_bits'], r['a_bits']): r['metrics'].get(key) for r in res['runs'] if r['method'] == m}
-            lines.append(f'{m:<10}' + ''.join(f'{vals[wa]:>10.3f}' if vals.get(wa) is not None else f'{"-":>10}'
-                                              for wa in bits))
+        lines.append(f"{'method':<34}" + ''.join(f'{"W%dA%d" % wa:>9}' for wa in bits))
+        for name in row_names(res, methods):
+            vals = [cell(res, name, wa, key) for wa in bits]
+            lines.append(f'{name:<34}' + ''.join(f'{v:>9.3f}' if v is not None else f'{"-":>9}' for v in vals))
     return '\n'.join(lines)
 
 
@@ -58,15 +90,15 @@ def plot(results: dict, methods, bits, path: str) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         res, key = results['models'][model], METRIC.get(model, 'coco/bbox_mAP')
-        width = 0.8 / len(methods)
-        for i, m in enumerate(methods):
-            vals = [next((r['metrics'].get(key, 0) for r in res['runs'] if r['method'] == m
-                          and (r['w_bits'], r['a_bits']) == wa), 0) for wa in bits]
-            ax.bar([j + i * width for j in range(len(bits))], vals, width, label=m)
+        names = row_names(res, methods)
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            vals = [cell(res, name, wa, key) or 0 for wa in bits]
+            ax.bar([j + i * width for j in range(len(bits))], vals, width, label=name)
         ax.axhline(res['fp'].get(key, 0), color='k', linestyle='--', label='FP')
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], [f'W{w}A{a}' for w, a in bits])
         ax.set_title(f'{model}\n{key}')
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -75,28 +107,46 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--models', nargs='+', default=['faster_rcnn_r18_fpn_shapes'])
     p.add_argument('--methods', nargs='+', default=['rtn', 'adaround', 'brecq', 'qdrop'])
-    p.add_argument('--bits', nargs='+', default=['4/4', '2/4', '8/8'])
-    p.add_argument('--iters', type=int, default=500)
+    p.add_argument('--bits', nargs='+', default=['4/4', '2/4'])
+    p.add_argument('--sanity-bits', nargs='*', default=['8/8'], help='extra bit widths run for --sanity-methods only')
+    p.add_argument('--sanity-methods', nargs='*', default=['rtn', 'qdrop'])
+    p.add_argument('--iters', type=int, default=300)
     p.add_argument('--num-images', type=int, default=32)
+    p.add_argument('--options', nargs='*', default=[], help='extra --cfg-options for every run, e.g. ptq.drop_prob=1.0 '
+                   '(kept with each result and shown beside the method name)')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (1: run several benchmarks at once)')
     p.add_argument('--out', default=osp.join(REPO, 'work_dirs/bench_accuracy'))
     args = p.parse_args(argv)
+    import torch
     from qdrop_mm.demo.training import train_fp_model
-    bits = [tuple(int(b) for b in wa.split('/')) for wa in args.bits]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parse = lambda pairs: [tuple(int(b) for b in wa.split('/')) for wa in pairs]  # noqa: E731
+    bits, sanity = parse(args.bits), [wa for wa in parse(args.sanity_bits) if wa not in parse(args.bits)]
+    plan = [(wa, m) for wa in bits for m in args.methods] + [(wa, m) for wa in sanity for m in args.sanity_methods]
     os.makedirs(args.out, exist_ok=True)
-    results = {'iters_per_unit': args.iters, 'num_images': args.num_images,
-               'machine': f'{platform.machine()}, {os.cpu_count()} cores', 'models': {}}
+    path = osp.join(args.out, 'results.json')
+    results = {'models': {}}
+    if osp.isfile(path):
+        with open(path) as f:
+            results = json.load(f)
+    results.update(machine=f'{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}',
+                   command='python tools/bench_accuracy.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
     for model in args.models:
         fp = train_fp_model(osp.join(REPO, 'configs/demo', f'{model}.py'), osp.join(REPO, 'work_dirs/demo', model))
-        res = results['models'][model] = {'fp': fp['metrics'], 'runs': []}
-        for w_bits, a_bits in bits:
-            for method in args.methods:
-                res['runs'].append(run_one(model, method, w_bits, a_bits, args, fp['checkpoint']))
-                with open(osp.join(args.out, 'results.json'), 'w') as f:
-                    json.dump(results, f, indent=2)
-    text = table(results, args.methods, bits)
-    print(text)
-    plot(results, args.methods, bits, osp.join(args.out, 'accuracy.png'))
-    print(f"wrote {osp.join(args.out, 'results.json')} and accuracy.png")
+        res = results['models'].setdefault(model, {'runs': []})
+        res['fp'] = fp['metrics']
+        for (w_bits, a_bits), method in plan:
+            key = (method, w_bits, a_bits, args.iters, args.num_images, tuple(args.options))
+            if any(run_key(r) == key for r in res['runs']):
+                continue
+            res['runs'].append(run_one(model, method, w_bits, a_bits, args, fp['checkpoint']))
+            with open(path, 'w') as f:
+                json.dump(results, f, indent=2)
+    methods = list(dict.fromkeys(args.methods + args.sanity_methods))
+    print(table(results, methods, bits + sanity))
+    plot(results, methods, bits + sanity, osp.join(args.out, 'accuracy.png'))
+    print(f'wrote {path} and accuracy.png')
     return results
 
 
