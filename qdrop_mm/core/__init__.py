@@ -4,8 +4,10 @@ from .bn_fold import fold_bn
 from .capture import capture_inputs
 from .fake_quant import UniformQuantizer, fake_quantize, qparams_from_range, round_ste
 from .lsq import LSQActQuantizer
-from .methods import METHODS, CompensationConfig, MethodConfig, StageConfig, build_method, register_method
+from .methods import (METHODS, CompensationConfig, MethodConfig, PredictionConfig, StageConfig, build_method,
+                      register_method)
 from .observers import MinMaxObserver, MSEObserver, build_observer
+from .prediction_loss import PredictionGroup, PredictionSource, PredictionTerm, prediction_difference
 from .ptq import PTQCallbacks, PTQResult, Unit, UnitRecord, calibrate_activations, run_ptq
 from .qmodules import QuantLayer, QuantResidual
 from .quant_state import act_quantizers, quant_state, weight_quantizers
@@ -20,5 +22,6 @@ __all__ = [
     'PTQCallbacks', 'PTQResult', 'Unit', 'UnitRecord', 'calibrate_activations', 'run_ptq', 'QuantLayer',
     'QuantResidual', 'act_quantizers', 'quant_state', 'weight_quantizers', 'NonFiniteLossError',
     'ReconResult', 'output_mse', 'reconstruct_unit', 'UnitCache', 'CompensationConfig', 'Compensated',
-    'LeastSquaresAccumulator', 'fit_compensation', 'wrap_units',
+    'LeastSquaresAccumulator', 'fit_compensation', 'wrap_units', 'PredictionConfig', 'PredictionGroup',
+    'PredictionSource', 'PredictionTerm', 'prediction_difference',
 ]

@@ -7,6 +7,8 @@ activations off, then learns activation step sizes with activations always
 quantized; ``qdrop`` learns both together with drop probability p.
 ``qwt`` (RTN) and ``qdrop_qwt`` (QDrop) then add QwT's closed-form linear
 compensation to every unit (``MethodConfig.compensation``, ``core/qwt.py``).
+``pdquant`` is QDrop plus PD-Quant's prediction-difference loss and
+distribution correction (``MethodConfig.prediction``, ``core/prediction_loss.py``).
 """
 from __future__ import annotations
 
@@ -107,16 +109,61 @@ class CompensationConfig:
 
 
 @dataclass(frozen=True)
+class PredictionConfig:
+    """PD-Quant (Liu et al., CVPR 2023) on top of a stage's reconstruction loss (``core/prediction_loss.py``).
+
+    ``pd_weight`` × the difference between the FP network's predictions and those
+    obtained through the rest of the (FP) network from the unit's quantized
+    output (KL at temperature ``pd_temperature`` on scores, weighted MSE on box
+    regressions), added every ``pd_interval`` iterations. Distribution
+    correction: each cached FP unit input is moved for ``dc_iters`` Adam steps
+    (lr ``dc_lr``) so the per-image statistics at the unit's BatchNorms match
+    their running statistics, with ``dc_weight`` × the MSE to the original
+    keeping it close (0 iterations = off). Defaults are the authors' ResNet
+    settings (λ_r = 0.1, T = 4, λ_c = 0.02, 500 iterations, lr 1e-3).
+    ``pd_cache_gb``: host memory for the FP predictions of the calibration set
+    (beyond it they spill with the unit cache, or the run stops).
+    """
+
+    pd_weight: float = 10.0
+    pd_temperature: float = 4.0
+    pd_interval: int = 1
+    dc_iters: int = 500
+    dc_lr: float = 1e-3
+    dc_weight: float = 50.0
+    pd_cache_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_positive_int('pd_interval', self.pd_interval)
+        if isinstance(self.dc_iters, bool) or not isinstance(self.dc_iters, int) or self.dc_iters < 0:
+            raise ValueError(f'dc_iters must be an integer >= 0 (0 = no distribution correction), '
+                             f'got {self.dc_iters!r}')
+        for name in ('pd_weight', 'dc_weight', 'pd_cache_gb'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float('inf'):
+                raise ValueError(f'{name} must be a finite number >= 0, got {value!r}')
+        for name in ('pd_temperature', 'dc_lr'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float('inf'):
+                raise ValueError(f'{name} must be a finite number > 0, got {value!r}')
+
+
+PREDICTION_OPTIONS = frozenset(PredictionConfig.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class MethodConfig:
-    """Reconstruction stages, then (optionally) a QwT compensation pass over all units."""
+    """Reconstruction stages (optionally with PD-Quant's prediction term), then optionally QwT compensation."""
 
     name: str
     stages: Tuple[StageConfig, ...] = field(default_factory=tuple)
     compensation: Optional[CompensationConfig] = None
+    prediction: Optional[PredictionConfig] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {'name': self.name, 'stages': [asdict(s) for s in self.stages],
-                'compensation': asdict(self.compensation) if self.compensation else None}
+                'compensation': asdict(self.compensation) if self.compensation else None,
+                'prediction': asdict(self.prediction) if self.prediction else None}
 
 
 @dataclass(frozen=True)
@@ -128,6 +175,7 @@ class MethodOptions:
     act_iters: int = 5000
     act_lr_stage2: float = 4e-4
     stage: Dict[str, Any] = field(default_factory=dict)
+    prediction: Dict[str, Any] = field(default_factory=dict)
 
 
 TUNABLE_STAGE_OPTIONS = frozenset(StageConfig.__dataclass_fields__) - {
@@ -181,13 +229,23 @@ def qdrop_qwt(opts: MethodOptions) -> MethodConfig:
     return replace(qdrop(opts), name='qdrop_qwt', compensation=CompensationConfig())
 
 
+@register_method('pdquant')
+def pdquant(opts: MethodOptions) -> MethodConfig:
+    return replace(qdrop(opts), name='pdquant', prediction=PredictionConfig(**opts.prediction))
+
+
 def build_method(name: str, iters: int = 20000, drop_prob: float = 0.5, act_iters: int = 5000,
                  act_lr_stage2: float = 4e-4, **stage: Any) -> MethodConfig:
     """Method config by registered name; ``stage`` keywords override StageConfig defaults."""
     if name not in METHODS:
         raise ValueError(f'unknown method {name!r}; choose one of {sorted(METHODS)}')
-    unknown = set(stage) - TUNABLE_STAGE_OPTIONS
+    unknown = set(stage) - TUNABLE_STAGE_OPTIONS - PREDICTION_OPTIONS
     if unknown:
-        raise ValueError(f'unknown method option(s) {sorted(unknown)}; '
-                         f'allowed: iters, drop_prob, act_iters, act_lr_stage2, {sorted(TUNABLE_STAGE_OPTIONS)}')
-    return METHODS[name](MethodOptions(iters, drop_prob, act_iters, act_lr_stage2, dict(stage)))
+        raise ValueError(f'unknown method option(s) {sorted(unknown)}; allowed: iters, drop_prob, act_iters, '
+                         f'act_lr_stage2, {sorted(TUNABLE_STAGE_OPTIONS)}, {sorted(PREDICTION_OPTIONS)}')
+    prediction = {k: stage.pop(k) for k in sorted(set(stage) & PREDICTION_OPTIONS)}
+    method = METHODS[name](MethodOptions(iters, drop_prob, act_iters, act_lr_stage2, dict(stage), prediction))
+    if prediction and method.prediction is None:
+        raise ValueError(f'{next(iter(prediction))} only applies to methods with a prediction term '
+                         f'(pdquant), not {name!r}')
+    return method

@@ -14,6 +14,7 @@ from torch import nn
 
 from .capture import ForwardFn, capture_inputs
 from .methods import MethodConfig, StageConfig
+from .prediction_loss import InputCorrection, PredictionSource, PredictionTerm
 from .qwt import fit_compensation, wrap_units
 from .quant_state import act_quantizers, quant_state
 from .reconstruct import ReconResult, reconstruct_unit
@@ -94,12 +95,18 @@ def calibrate_activations(model: nn.Module, batches: Sequence[Any], forward_fn: 
 
 @torch.no_grad()
 def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
-                     stage: StageConfig, policy: Optional[CachePolicy] = None) -> UnitCache:
-    """Capture x_fp (all FP), x_q (earlier units quantized) and the FP targets of ``unit``."""
+                     stage: StageConfig, policy: Optional[CachePolicy] = None,
+                     correct_fp_input: Optional[InputCorrection] = None) -> UnitCache:
+    """Capture x_fp (all FP), x_q (earlier units quantized) and the FP targets of ``unit``.
+
+    ``correct_fp_input`` (PD-Quant's distribution correction) replaces each x_fp before it is
+    stored; the targets are then the FP unit's outputs on the corrected inputs.
+    """
     device = next(unit.buffers()).device
     cache = UnitCache(policy, device)
+    sink = cache.x_fp.append if correct_fp_input is None else lambda x: cache.x_fp.append(correct_fp_input(x))
     with quant_state(model, weight=False, act=False):
-        capture_inputs(model, unit, batches, forward_fn, sink=cache.x_fp.append)
+        capture_inputs(model, unit, batches, forward_fn, sink=sink)
     with quant_state(model, weight=True, act=stage.act_quant, drop_prob=1.0):
         capture_inputs(model, unit, batches, forward_fn, sink=cache.x_q.append)
     with quant_state(unit, weight=False, act=False):
@@ -111,8 +118,13 @@ def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], 
 
 def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], forward_fn: ForwardFn,
             method: MethodConfig, callbacks: Optional[PTQCallbacks] = None,
-            cache_policy: Optional[CachePolicy] = None) -> PTQResult:
+            cache_policy: Optional[CachePolicy] = None,
+            prediction: Optional[PredictionSource] = None) -> PTQResult:
     """Quantize ``model`` in place with ``method`` and return what happened per unit.
+
+    With ``method.prediction`` (PD-Quant) ``prediction`` must say how to get the network's
+    predictions from a batch (and, for distribution correction, each unit's FP module);
+    batch i of ``batches`` is cache entry i of every unit.
 
     With ``method.compensation`` every unit is first wrapped in place in a
     ``qwt.Compensated`` (``unit.module`` is updated), and after all stages the
@@ -128,20 +140,31 @@ def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], for
     cb.before_calibration(len(act_quantizers(model)))
     calibrate_activations(model, batches, forward_fn)
     cb.after_calibration()
+    pd_term = None
+    if method.prediction is not None:
+        if prediction is None:
+            raise ValueError(f'method {method.name!r} has a prediction term: pass run_ptq(prediction='
+                             f'PredictionSource(predict_fn, fp_unit)) saying how to get the network predictions')
+        pd_term = PredictionTerm(model, [(u.name, u.module) for u in units], batches, prediction,
+                                 method.prediction, cache_policy)
     result = PTQResult(method.to_dict())
     for stage_idx, stage in enumerate(method.stages):
         for unit in units:
             if cb.should_skip(stage_idx, unit):
                 continue
             cb.before_unit(stage_idx, unit)
-            cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, cache_policy)
+            cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, cache_policy,
+                                     pd_term.input_correction(unit.name) if pd_term else None)
             try:
-                rec = reconstruct_unit(unit.module, cache, stage, progress=cb.progress)
+                rec = pd_term.reconstruct(unit.module, cache, stage, cb.progress) if pd_term else \
+                    reconstruct_unit(unit.module, cache, stage, progress=cb.progress)
             finally:
                 cache.close()
             record = UnitRecord(unit.name, unit.kind, stage_idx, rec, cache.num_bytes(), cache.usage())
             result.records.append(record)
             cb.after_unit(record)
+    if pd_term is not None:
+        pd_term.close()
     if method.compensation is not None:
         for unit in units:
             fit = fit_compensation(model, unit.module, batches, forward_fn, method.compensation.ridge,

@@ -26,6 +26,7 @@ Reliability:
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
@@ -44,8 +45,10 @@ from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
 from .block_plan import ModelPlan, plan_model, resolve_scope
 from .calibration import build_calibration_batches, check_dataset_paths, feature_forward, num_images
 from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
+from .prediction_tail import UnsupportedHeadError, build_prediction_source, select_predict_fn
 from .registry import LOOPS
 from .report import build_report, format_summary, unit_bits, write_report
+from .report_plots import RECON_CURVES_FILE, UNIT_ERRORS_FILE, write_report_plots
 from .resume import (ResumeStateError, ResumeStore, batches_digest, checkpoint_identity, compare_fingerprints,
                      load_scope_state, module_state_dict, record_from_dict, record_to_dict, scope_state_dict,
                      rng_state, seed_everything, set_rng_state)
@@ -120,6 +123,9 @@ class LoggingCallbacks(PTQCallbacks):
         r = record.result
         self.logger.info(f'{record.name}: output MSE {r.loss_before:.5g} -> {r.loss_after:.5g} '
                          f'({r.iters} it, {r.seconds:.1f} s, cache {record.cache_bytes / 2 ** 20:.1f} MiB)')
+        if 'pd_loss_before' in r.extra:
+            self.logger.info(f'{record.name}: prediction difference {r.extra["pd_loss_before"]:.5g} -> '
+                             f'{r.extra["pd_loss_after"]:.5g}')
 
     def after_compensation(self, record: UnitRecord) -> None:
         r = record.result
@@ -228,6 +234,12 @@ class PTQLoop(TestLoop):
         cfg = self.runner.cfg
         if cfg.get('train_dataloader') is not None:
             check_dataset_paths(cfg.train_dataloader.get('dataset'), 'train_dataloader.dataset')
+        if self.settings.build_method().prediction is not None:
+            try:
+                select_predict_fn(self.model)
+            except UnsupportedHeadError as err:
+                raise PTQConfigError(f'ptq.method={self.settings.method}: no prediction tail for {err}; '
+                                     f'use another ptq.method') from None
 
     def quantize(self) -> Dict[str, Any]:
         """Calibrate and reconstruct in place (continuing a saved run when resuming)."""
@@ -241,6 +253,7 @@ class PTQLoop(TestLoop):
                     f'{settings.batch_size}, input shapes {sorted({tuple(b["inputs"][0].shape) for b in batches})[:3]}')
         t1 = time.perf_counter()
         model.eval()
+        fp_model = copy.deepcopy(model) if method.prediction is not None else None  # PD-Quant's DC needs the BNs
         try:
             self.plan = plan_model(model, settings, lambda: feature_forward(model, batches[0]))
         except ValueError as err:
@@ -261,7 +274,8 @@ class PTQLoop(TestLoop):
             seed_everything(settings.seed)
             manifest = {'status': 'running', 'fingerprint': fingerprint, 'num_stages': len(method.stages),
                         'calibrated': False, 'finished': [], 'records': []}
-        for name in (QUANTIZED_FILE, REPORT_FILE):  # a failed run must not leave an earlier run's results behind
+        for name in (QUANTIZED_FILE, REPORT_FILE, RECON_CURVES_FILE, UNIT_ERRORS_FILE):
+            # a failed run must not leave an earlier run's results behind
             path = os.path.join(self.runner.work_dir, name)
             if is_main_process() and os.path.exists(path):
                 os.unlink(path)
@@ -270,7 +284,8 @@ class PTQLoop(TestLoop):
                                        finished, restored)
         try:
             result = run_ptq(model, self.plan.units, batches, feature_forward, method, callbacks,
-                             settings.cache_policy(self.runner.work_dir))
+                             settings.cache_policy(self.runner.work_dir),
+                             build_prediction_source(model, fp_model) if fp_model is not None else None)
         except NonFiniteLossError as err:
             raise self._non_finite(err, callbacks, method) from None
         result = PTQResult(result.method, sorted(callbacks.records, key=self._record_order))
@@ -357,8 +372,13 @@ class PTQLoop(TestLoop):
         extra: Dict[str, Any] = {'loaded_from': self.load_quantized}
         if not self.load_quantized:
             extra['resumed_units'] = self.resumed_units
+        if done['result'] is not None and any(r.result.extra for r in done['result'].records):
+            extra['prediction_loss'] = [{'name': r.name, 'stage': r.stage, **r.result.extra}
+                                        for r in done['result'].records if r.result.extra]
         report = build_report(self.settings, self.plan.units, done['result'], metrics, timings, extra=extra)
         if is_main_process():
+            if report['units']:
+                report['plots'] = write_report_plots(report, self.runner.work_dir, self.runner.logger.warning)
             write_report(report, os.path.join(self.runner.work_dir, REPORT_FILE))
         self.runner.logger.info('\n' + format_summary(report))
         if not self.load_quantized and self.store.clear():

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence
 
 from qdrop_mm.core import PTQResult, Unit
+from qdrop_mm.core.bit_budget import act_bit_counts, average_bits, merge_counts, weight_bit_counts
 from qdrop_mm.core.quant_state import act_quantizers, weight_quantizers
 
 from .atomic_io import atomic_write_json
@@ -13,6 +14,17 @@ from .settings import PTQSettings
 def unit_bits(unit: Unit) -> Dict[str, List[int]]:
     return {'w_bits': sorted({q.bits for q in weight_quantizers(unit.module)}),
             'a_bits': sorted({q.bits for q in act_quantizers(unit.module)})}
+
+
+def bits_summary(units: Sequence[Unit]) -> Dict[str, Any]:
+    """Average bits over the units: weights weighted by weight count, activations by quantizer count."""
+    w = merge_counts(weight_bit_counts(u.module) for u in units)
+    a = merge_counts(act_bit_counts(u.module) for u in units)
+    avg_w, avg_a = average_bits(w), average_bits(a)
+    return {'avg_w_bits_weighted_by_num_weights': round(avg_w, 4) if avg_w is not None else None,
+            'avg_a_bits_weighted_by_num_act_quantizers': round(avg_a, 4) if avg_a is not None else None,
+            'num_weights_per_bits': {str(b): n for b, n in sorted(w.items())},
+            'num_act_quantizers_per_bits': {str(b): n for b, n in sorted(a.items())}}
 
 
 def build_report(settings: PTQSettings, units: Sequence[Unit], result: Optional[PTQResult],
@@ -33,7 +45,10 @@ def build_report(settings: PTQSettings, units: Sequence[Unit], result: Optional[
         'method': result.method if result else settings.build_method().to_dict(),
         'metrics': {k: _plain(v) for k, v in metrics.items()},
         'units': rows,
-        'plan': [{'name': u.name, 'kind': u.kind, **unit_bits(u)} for u in units],
+        'plan': [{'name': u.name, 'kind': u.kind, **unit_bits(u),
+                  'num_weights': sum(weight_bit_counts(u.module).values())} for u in units],
+        'bits': bits_summary(units),
+        'plots': [],
         'timings': {k: round(v, 3) for k, v in timings.items()},
     }
     if extra:
@@ -52,18 +67,63 @@ def write_report(report: Dict[str, Any], path: str) -> None:
     atomic_write_json(report, path)
 
 
-def format_summary(report: Dict[str, Any]) -> str:
-    """A one-screen text summary of a report."""
+SUMMARY_MAX_ROWS = 20
+
+
+def format_bits(w_bits: Sequence[int], a_bits: Sequence[int]) -> str:
+    """'w4a4', 'w4/8a4'; no 'a' part for a unit without activation quantizers (e.g. FPN output convs)."""
+    w = 'w' + ('/'.join(map(str, w_bits)) if w_bits else '-')
+    return w + ('a' + '/'.join(map(str, a_bits)) if a_bits else '')
+
+
+def _rel_error_after(row: Dict[str, Any]) -> float:
+    v = row.get('rel_error_after')
+    return float(v) if v is not None else float('-inf')
+
+
+def format_summary(report: Dict[str, Any], max_rows: int = SUMMARY_MAX_ROWS) -> str:
+    """A one-screen text summary of a report: settings, average bits, per-unit rows, metrics, timings.
+
+    With more than ``max_rows`` rows (units x stages), the ``max_rows`` with the largest relative
+    error after reconstruction are listed, in network order, plus totals over all rows.
+    """
     s = report['settings']
     lines = [f"qdrop_mm PTQ: method={s['method']} W{s['w_bits']}A{s['a_bits']} "
              f"(first layer {s['first_layer_bits'] or s['w_bits']}-bit), {s['num_images']} calibration images, "
              f"{s['iters']} iters/unit, {len(report['plan'])} units"]
-    if report['units']:
-        lines.append(f"{'unit':<36} {'kind':<6} {'st':>2} {'bits':>6} {'loss before':>12} {'loss after':>12} {'s':>7}")
-        for u in report['units']:
-            bits = f"w{'/'.join(map(str, u['w_bits']))}"
-            lines.append(f"{u['name'][:36]:<36} {u['kind']:<6} {u['stage']:>2} {bits:>6} "
-                         f"{u['loss_before']:>12.4g} {u['loss_after']:>12.4g} {u['seconds']:>7.1f}")
+    bits = report.get('bits') or {}
+    if bits.get('avg_w_bits_weighted_by_num_weights') is not None:
+        n_w = sum(bits['num_weights_per_bits'].values())
+        n_a = sum(bits['num_act_quantizers_per_bits'].values())
+        a_avg = bits['avg_a_bits_weighted_by_num_act_quantizers']
+        overrides = ', '.join(f"{prefix} " + ''.join(f'{k[0]}{v}' for k, v in b.items() if v)
+                              for prefix, b in (s.get('overrides') or {}).items())
+        lines.append(f"average bits: weights {bits['avg_w_bits_weighted_by_num_weights']:.3f} (per weight, "
+                     f"{n_w} weights), activations {'-' if a_avg is None else f'{a_avg:.3f}'} "
+                     f"(per quantizer, {n_a} quantizers)" + (f'; overrides: {overrides}' if overrides else ''))
+    rows = report['units']
+    if rows:
+        shown = rows
+        if len(rows) > max_rows:
+            top = set(sorted(range(len(rows)), key=lambda i: _rel_error_after(rows[i]), reverse=True)[:max_rows])
+            shown = [r for i, r in enumerate(rows) if i in top]
+        lines.append(f"{'unit':<36} {'st':>2} {'bits':>8} {'loss before':>12} {'loss after':>12} "
+                     f"{'rel err after':>13} {'s':>7}")
+        for u in shown:
+            rel = u.get('rel_error_after')
+            lines.append(f"{u['name'][:36]:<36} {u['stage']:>2} {format_bits(u['w_bits'], u['a_bits']):>8} "
+                         f"{u['loss_before']:>12.4g} {u['loss_after']:>12.4g} "
+                         f"{'-' if rel is None else format(rel, '.3e'):>13} {u['seconds']:>7.1f}")
+        if len(shown) < len(rows):
+            lines.append(f'... {len(rows) - len(shown)} more rows not shown: listed are the {len(shown)} with the '
+                         f'largest relative error after (all rows in ptq_report.json)')
+        worst = max(rows, key=_rel_error_after)
+        where = worst['name'] + ('' if len({u['stage'] for u in rows}) == 1 else f" (st {worst['stage']})")
+        lines.append(f"all {len(rows)} rows: {sum(u['seconds'] for u in rows):.1f} s; largest relative error "
+                     f"after: {where} "
+                     f"{'-' if worst.get('rel_error_after') is None else format(worst['rel_error_after'], '.3e')}")
+    if report.get('plots'):
+        lines.append('plots (in the work dir): ' + ', '.join(report['plots']))
     lines.append('metrics: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                          for k, v in report['metrics'].items()))
     lines.append('timings: ' + ', '.join(f'{k}={v:.1f}s' for k, v in report['timings'].items()))

@@ -12,7 +12,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from qdrop_mm.core.fake_quant import MAX_BITS, MIN_BITS
 from qdrop_mm.core.unit_cache import DTYPES, GiB, CachePolicy
-from qdrop_mm.core.methods import METHODS, TUNABLE_STAGE_OPTIONS, MethodConfig, build_method
+from qdrop_mm.core.methods import METHODS, PREDICTION_OPTIONS, TUNABLE_STAGE_OPTIONS, MethodConfig, build_method
 
 
 class PTQError(Exception):
@@ -104,14 +104,14 @@ class PTQSettings:
         if not scope or not all(isinstance(s, str) and s for s in scope):
             raise PTQConfigError(f'ptq.scope must be a non-empty list of module paths, got {scope!r}')
         kw['scope'] = tuple(scope)
-        kw['overrides'] = tuple(_override(k, v) for k, v in dict(cfg.get('overrides', {})).items())
+        kw['overrides'] = tuple(_override(k, v) for k, v in _flatten_overrides(cfg.get('overrides', {})).items())
         opts = dict(cfg.get('method_options', {}))
-        bad = sorted(set(opts) - TUNABLE_STAGE_OPTIONS)
+        bad = sorted(set(opts) - TUNABLE_STAGE_OPTIONS - PREDICTION_OPTIONS)
         if bad:
             raise PTQConfigError(f'ptq.method_options has unknown key(s) {bad}; '
-                                 f'allowed: {sorted(TUNABLE_STAGE_OPTIONS)}')
+                                 f'allowed: {sorted(TUNABLE_STAGE_OPTIONS)}, for pdquant: {sorted(PREDICTION_OPTIONS)}')
         for key, value in opts.items():
-            integer = key in ('batch_size', 'log_interval', 'early_stop_patience')
+            integer = key in ('batch_size', 'log_interval', 'early_stop_patience', 'pd_interval', 'dc_iters')
             if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
                     or not math.isfinite(value)):
                 raise PTQConfigError(f'ptq.method_options.{key} must be a finite '
@@ -194,6 +194,20 @@ def _device_budget(value: Any) -> int:
         return 0
     free, _ = torch.cuda.mem_get_info()
     return int(free * AUTO_DEVICE_FRACTION)
+
+
+def _flatten_overrides(value: Any, prefix: str = '') -> Dict[str, Any]:
+    """Module path -> bits, also from the nested form ``--cfg-options ptq.overrides.backbone.layer1.w_bits=8`` gives."""
+    if not isinstance(value, Mapping):
+        raise PTQConfigError(f'ptq.overrides must map module paths to dict(w_bits=..., a_bits=...), got {value!r}')
+    flat: Dict[str, Any] = {}
+    for key, sub in value.items():
+        path = f'{prefix}.{key}' if prefix else str(key)
+        if isinstance(sub, Mapping) and sub and not set(sub) <= {'w_bits', 'a_bits'}:
+            flat.update(_flatten_overrides(sub, path))
+        else:
+            flat[path] = sub
+    return flat
 
 
 def _override(prefix: Any, value: Any) -> BitOverride:

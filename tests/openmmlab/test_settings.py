@@ -42,3 +42,12 @@ def test_device_budget_auto_is_zero_without_gpu_and_bad_values_name_the_key():
         assert s.cache_policy('/tmp').device_budget == 0
     with pytest.raises(PTQConfigError, match=r"ptq.cache.device_budget_gb must be a number >= 0 \(GiB\) or 'auto'"):
         PTQSettings.from_cfg(dict(cache=dict(device_budget_gb='lots')))
+
+
+def test_nested_overrides_from_cfg_options_flatten_to_module_paths():
+    nested = {'backbone': {'layer1': {'0': {'w_bits': 8}}, 'layer2': {'a_bits': 8, 'w_bits': 6}}}
+    s = PTQSettings.from_cfg(dict(overrides=nested))
+    assert {(o.prefix, o.w_bits, o.a_bits) for o in s.overrides} == {('backbone.layer1.0', 8, None),
+                                                                     ('backbone.layer2', 6, 8)}
+    assert s.bits_for('backbone.layer1.0.conv1', first_layer=False) == (8, 4)
+    assert s.bits_for('backbone.layer1.1.conv1', first_layer=False) == (4, 4)

@@ -1,0 +1,74 @@
+"""Per-unit sensitivity: how much a network's outputs move when only one unit is quantized.
+
+Plain PyTorch. The quantizers must be ready (weights on their grid, activation steps calibrated);
+the measurement only switches them on and off, so it works for RTN as well as for a reconstructed model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .capture import ForwardFn
+from .ptq import Unit
+from .quant_state import quant_state
+
+ProgressFn = Callable[[int, int, str, float], None]  # (done, total, unit name, its error)
+
+
+def output_tensors(outputs: Any) -> List[Tensor]:
+    """The tensors of a forward's result (a tensor, or nested tuples/lists/dicts of them), in order."""
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        return [t for v in outputs.values() for t in output_tensors(v)]
+    if isinstance(outputs, (list, tuple)):
+        return [t for v in outputs for t in output_tensors(v)]
+    return []
+
+
+@dataclass
+class SensitivityResult:
+    """Relative output error ||F_q - F||² / ||F||² summed over all output tensors and batches.
+
+    ``unit_errors``: only that unit's quantizers on; ``all_units_error``: every quantizer on.
+    """
+
+    unit_errors: Dict[str, float] = field(default_factory=dict)
+    all_units_error: float = float('nan')
+
+
+@torch.no_grad()
+def relative_output_error(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
+                          reference: Sequence[List[Tensor]]) -> float:
+    """Σ||out - ref||² / Σ||ref||² over ``batches`` with the model's current quantizer state."""
+    err = torch.zeros((), dtype=torch.float64)
+    ref = torch.zeros((), dtype=torch.float64)
+    for batch, fp in zip(batches, reference):
+        out = output_tensors(forward_fn(model, batch))
+        if len(out) != len(fp):
+            raise ValueError(f'forward_fn returned {len(out)} tensors, the FP reference has {len(fp)}')
+        for q, f in zip(out, fp):
+            err += (q.double() - f.double()).pow(2).sum().cpu()
+            ref += f.double().pow(2).sum().cpu()
+    return err.item() / max(ref.item(), 1e-30)
+
+
+@torch.no_grad()
+def measure_sensitivity(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], forward_fn: ForwardFn,
+                        progress: Optional[ProgressFn] = None) -> SensitivityResult:
+    """Output error of ``model`` with each unit quantized alone, and with all quantized, against FP."""
+    model.eval()
+    result = SensitivityResult()
+    with quant_state(model, weight=False, act=False):
+        reference = [output_tensors(forward_fn(model, b)) for b in batches]
+        for i, unit in enumerate(units):
+            with quant_state(unit.module, weight=True, act=True, drop_prob=1.0):
+                result.unit_errors[unit.name] = relative_output_error(model, batches, forward_fn, reference)
+            if progress is not None:
+                progress(i + 1, len(units), unit.name, result.unit_errors[unit.name])
+    with quant_state(model, weight=True, act=True, drop_prob=1.0):
+        result.all_units_error = relative_output_error(model, batches, forward_fn, reference)
+    return result

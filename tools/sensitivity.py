@@ -1,0 +1,89 @@
+"""Which units hurt most when quantized? Per-unit sensitivity and a mixed-precision suggestion.
+
+    python tools/sensitivity.py configs/faster_rcnn_r50_w2a4.py [--checkpoint CKPT] [--work-dir DIR]
+        [--cfg-options k=v ...] [--eval-images N] [--keep-8bit K] [--metric [KEY]]
+
+Builds the model, calibration batches and block plan like tools/ptq.py, quantizes with RTN at the
+config's bits (nearest rounding, calibrated activation steps), then quantizes one unit at a time and
+measures the relative error of the feature maps (backbone + neck outputs) against FP on --eval-images
+held-out train images. ``--metric`` also runs the config's evaluator for FP, all units and each unit
+alone (units + 2 full evaluations: slow on a real val set; KEY defaults to box mAP / mask mAP / mIoU)
+and ranks by the metric drop. Writes work_dir/sensitivity.json and sensitivity.png, prints the ranked
+table and ``ptq.overrides`` that keep the --keep-8bit most sensitive units at 8-bit weights and
+activations. Problems print ``error: <message>`` and exit with status 1, like tools/ptq.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {text}')
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from mmengine.config import DictAction
+    p = argparse.ArgumentParser(description='Per-unit quantization sensitivity of an OpenMMLab model (RTN)')
+    p.add_argument('config', help='config file (inherits an mmdet/mmseg config and adds a ptq section)')
+    p.add_argument('--checkpoint', help='FP checkpoint (path or URL); default: the config\'s load_from')
+    p.add_argument('--work-dir', help='where sensitivity.json, sensitivity.png and logs go')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys, e.g. ptq.w_bits=2')
+    p.add_argument('--eval-images', type=_positive_int, default=4,
+                   help='held-out train images the feature error is measured on (default 4)')
+    p.add_argument('--keep-8bit', type=_non_negative_int, default=2,
+                   help='how many of the most sensitive units the suggested overrides keep at 8 bits (default 2)')
+    p.add_argument('--metric', nargs='?', const='auto', default=None, metavar='KEY',
+                   help='also run the evaluator per unit and rank by the drop of KEY (slow: units + 2 evaluations)')
+    p.add_argument('--allow-unsafe-checkpoint', action='store_true',
+                   help='load checkpoints with full unpickling (only for files you trust)')
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Run the analysis; a user-fixable problem raises ``SystemExit('error: <message>')`` (exit status 1)."""
+    args = parse_args(argv)
+    from mmengine.runner import Runner
+    from qdrop_mm.openmmlab import install_safe_mmengine_loading
+    from qdrop_mm.openmmlab import sensitivity  # noqa: F401  (registers qdrop_mm.SensitivityLoop)
+    from qdrop_mm.openmmlab.checkpoint import UnreadableCheckpointError, UnsafeCheckpointError
+    from qdrop_mm.openmmlab.settings import PTQError
+    from tools.ptq import build_cfg
+    ptq_args = argparse.Namespace(config=args.config, checkpoint=args.checkpoint, work_dir=args.work_dir,
+                                  cfg_options=args.cfg_options, launcher='none', resume=False, load_quantized=None)
+    try:
+        cfg = build_cfg(ptq_args)
+    except ValueError as err:
+        raise SystemExit(f'error: {err}') from None
+    cfg.test_cfg = dict(type='qdrop_mm.SensitivityLoop', ptq=cfg.get('ptq', {}), eval_images=args.eval_images,
+                        keep_8bit=args.keep_8bit, metric=args.metric)
+    install_safe_mmengine_loading(allow_unsafe=args.allow_unsafe_checkpoint)
+    runner = None
+    try:
+        runner = Runner.from_cfg(cfg)
+        return runner.test()
+    except PTQError as err:
+        message = str(err)
+        if isinstance(err, (UnreadableCheckpointError, UnsafeCheckpointError)) and cfg.get('load_from') \
+                and str(cfg.load_from) in message:
+            message = f'--checkpoint / load_from: {message}'
+        if runner is not None:
+            runner.logger.error(f'error: {message}')
+        raise SystemExit(f'error: {message}') from None
+
+
+if __name__ == '__main__':
+    main()
