@@ -122,22 +122,17 @@ def init_cpu_distributed(cfg) -> None:
     dist.init_process_group('gloo' if backend == 'nccl' else backend)
 
 
-def main(argv=None) -> dict:
-    """Run PTQ; a user-fixable problem raises ``SystemExit('error: <message>')`` (exit status 1)."""
-    args = parse_args(argv)
+def run_test_loop(cfg, allow_unsafe_checkpoint: bool = False) -> dict:
+    """Build the Runner from ``cfg`` and run its test loop (PTQLoop, SensitivityLoop, ...).
+
+    A user-fixable problem raises ``SystemExit('error: <message>')`` (exit status 1, no traceback).
+    """
     from mmengine.runner import Runner
+    from qdrop_mm.core.unit_cache import CacheBudgetError
     from qdrop_mm.openmmlab import install_safe_mmengine_loading
     from qdrop_mm.openmmlab.checkpoint import UnreadableCheckpointError, UnsafeCheckpointError
-    from qdrop_mm.core.unit_cache import CacheBudgetError
     from qdrop_mm.openmmlab.settings import PTQError
-    try:
-        cfg = build_cfg(args)
-    except ValueError as err:
-        raise SystemExit(f'error: {err}') from None
-    install_safe_mmengine_loading(allow_unsafe=args.allow_unsafe_checkpoint)
-    init_cpu_distributed(cfg)
-    if cfg.launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
-        cfg.model_wrapper_cfg = dict(type='qdrop_mm.PTQEvalWrapper')
+    install_safe_mmengine_loading(allow_unsafe=allow_unsafe_checkpoint)
     runner = None
     try:
         runner = Runner.from_cfg(cfg)
@@ -150,6 +145,19 @@ def main(argv=None) -> dict:
         if runner is not None:
             runner.logger.error(f'error: {message}')
         raise SystemExit(f'error: {message}') from None
+
+
+def main(argv=None) -> dict:
+    """Run PTQ; a user-fixable problem raises ``SystemExit('error: <message>')`` (exit status 1)."""
+    args = parse_args(argv)
+    try:
+        cfg = build_cfg(args)
+    except ValueError as err:
+        raise SystemExit(f'error: {err}') from None
+    init_cpu_distributed(cfg)
+    if cfg.launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(type='qdrop_mm.PTQEvalWrapper')
+    return run_test_loop(cfg, args.allow_unsafe_checkpoint)
 
 
 if __name__ == '__main__':

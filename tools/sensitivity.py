@@ -56,12 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Run the analysis; a user-fixable problem raises ``SystemExit('error: <message>')`` (exit status 1)."""
     args = parse_args(argv)
-    from mmengine.runner import Runner
-    from qdrop_mm.openmmlab import install_safe_mmengine_loading
     from qdrop_mm.openmmlab import sensitivity  # noqa: F401  (registers qdrop_mm.SensitivityLoop)
-    from qdrop_mm.openmmlab.checkpoint import UnreadableCheckpointError, UnsafeCheckpointError
-    from qdrop_mm.openmmlab.settings import PTQError
-    from tools.ptq import build_cfg
+    from tools.ptq import build_cfg, run_test_loop
     ptq_args = argparse.Namespace(config=args.config, checkpoint=args.checkpoint, work_dir=args.work_dir,
                                   cfg_options=args.cfg_options, launcher='none', resume=False, load_quantized=None)
     try:
@@ -70,19 +66,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f'error: {err}') from None
     cfg.test_cfg = dict(type='qdrop_mm.SensitivityLoop', ptq=cfg.get('ptq', {}), eval_images=args.eval_images,
                         keep_8bit=args.keep_8bit, metric=args.metric)
-    install_safe_mmengine_loading(allow_unsafe=args.allow_unsafe_checkpoint)
-    runner = None
-    try:
-        runner = Runner.from_cfg(cfg)
-        return runner.test()
-    except PTQError as err:
-        message = str(err)
-        if isinstance(err, (UnreadableCheckpointError, UnsafeCheckpointError)) and cfg.get('load_from') \
-                and str(cfg.load_from) in message:
-            message = f'--checkpoint / load_from: {message}'
-        if runner is not None:
-            runner.logger.error(f'error: {message}')
-        raise SystemExit(f'error: {message}') from None
+    return run_test_loop(cfg, args.allow_unsafe_checkpoint)
 
 
 if __name__ == '__main__':

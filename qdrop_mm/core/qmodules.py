@@ -59,16 +59,23 @@ class QuantLayer(nn.Module):
         return self.weight_quantizer(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight_quantizer(self.weight)
-        if self.kind == 'conv':
-            y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        else:
-            y = F.linear(x, w, self.bias)
-        if self.activation is not None:
-            y = self.activation(y)
-        if self.act_quantizer is not None:
-            y = self.act_quantizer(y)
-        return y
+        return apply_layer(self, x, self.weight_quantizer(self.weight))
+
+
+def apply_layer(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """``layer``'s conv or linear with ``weight``, then its activation and output quantizer.
+
+    Shared by :class:`QuantLayer` (fake-quantized weight) and its export form (dequantized integer weight).
+    """
+    if layer.kind == 'conv':
+        y = F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    else:
+        y = F.linear(x, weight, layer.bias)
+    if layer.activation is not None:
+        y = layer.activation(y)
+    if layer.act_quantizer is not None:
+        y = layer.act_quantizer(y)
+    return y
 
 
 class QuantResidual(nn.Module):

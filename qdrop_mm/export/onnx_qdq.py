@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qdrop_mm.core.adaround import AdaRoundQuantizer
 from qdrop_mm.core.lsq import LSQActQuantizer
-from qdrop_mm.core.qmodules import QuantLayer
+from qdrop_mm.core.qmodules import QuantLayer, apply_layer
 
 INT8_RANGE = (-128, 127)
 INT8_WEIGHT_RANGE = (-127, 127)  # TensorRT's range for INT8 weights
@@ -165,16 +164,7 @@ class QDQLayer(nn.Module):
         return _DequantizeWeight.apply(self.weight_int, self.weight_scale, self.weight_zero_point)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.dequantized_weight()
-        if self.kind == 'conv':
-            y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        else:
-            y = F.linear(x, w, self.bias)
-        if self.activation is not None:
-            y = self.activation(y)
-        if self.act_quantizer is not None:
-            y = self.act_quantizer(y)
-        return y
+        return apply_layer(self, x, self.dequantized_weight())
 
     def extra_repr(self) -> str:
         return f'{self.kind}, bits={self.bits}, storage={self.storage}, weight={tuple(self.weight_int.shape)}'

@@ -14,13 +14,7 @@ from qdrop_mm.core.ptq import build_unit_cache, calibrate_activations
 from qdrop_mm.core.toy_network import make_toy_setup, quantize_toy_net, smooth_images, toy_forward
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def toy_predict(model, batch, context):

@@ -29,12 +29,7 @@ RETINANET = {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256
 PDQUANT = ['ptq.method=pdquant', 'ptq.method_options.dc_iters=3', "ptq.scope=['backbone']"]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_settings_validate_the_pdquant_options():

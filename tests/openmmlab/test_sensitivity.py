@@ -14,16 +14,13 @@ from qdrop_mm.openmmlab.block_plan import plan_model
 from qdrop_mm.openmmlab.sensitivity import (MIXED_PRECISION_CONFIG, SENSITIVITY_JSON, rank_rows, split_batches,
                                             suggest_overrides)
 
-from .conftest import build_model_from_config, save_random_checkpoint
-from .test_report_plots import MINMAX, PNG_SIGNATURE
+from .conftest import build_model_from_config
+from .test_report_plots import MINMAX, PNG_SIGNATURE, fp_checkpoint  # noqa: F401  (fixture)
 from .test_resume import CONFIG, data_options
 
 KEEP = 3
 
 
-@pytest.fixture(scope='module')
-def fp_checkpoint(tmp_path_factory):
-    return save_random_checkpoint(CONFIG, str(tmp_path_factory.mktemp('sens') / 'fp.pth'))
 
 
 @pytest.fixture(scope='module')
