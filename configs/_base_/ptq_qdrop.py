@@ -2,7 +2,7 @@
 # runs it (see README "Configuration"). Override any key in a config or with
 # --cfg-options ptq.w_bits=2 ...
 ptq = dict(
-    method='qdrop',          # rtn | adaround | brecq | qdrop
+    method='qdrop',          # rtn | adaround | brecq | qdrop | qwt | qdrop_qwt | pdquant
     w_bits=4,
     a_bits=4,
     first_layer_bits=8,      # stem conv weights; None = same as w_bits
