@@ -103,6 +103,31 @@ def plot(results: dict, methods, bits, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def load_results(path: str) -> dict:
+    with open(path) as f:
+        results = json.load(f)
+    if 'command' in results:
+        results.setdefault('commands', []).append(results.pop('command'))
+    return results
+
+
+def save_results(results: dict, path: str) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+
+
+def merge_results(into: dict, other: dict) -> None:
+    """Add the runs of `other` that `into` lacks (same model, method, bits, iterations, images, options)."""
+    into['commands'] = list(dict.fromkeys(into.get('commands', []) + other.get('commands', [])))
+    for model, res in other['models'].items():
+        mine = into['models'].setdefault(model, {'runs': [], 'fp': res.get('fp', {})})
+        mine.setdefault('fp', res.get('fp', {}))
+        have = {run_key(r) for r in mine['runs']}
+        mine['runs'] += [r for r in res['runs'] if run_key(r) not in have]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--models', nargs='+', default=['faster_rcnn_r18_fpn_shapes'])
@@ -116,6 +141,8 @@ def main(argv=None) -> dict:
                    '(kept with each result and shown beside the method name)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (1: run several benchmarks at once)')
     p.add_argument('--out', default=osp.join(REPO, 'work_dirs/bench_accuracy'))
+    p.add_argument('--merge', nargs='*', default=[], help='results.json files of earlier runs to add to --out first')
+    p.add_argument('--no-run', action='store_true', help='only print the table and draw the chart of what --out holds')
     args = p.parse_args(argv)
     import torch
     from qdrop_mm.demo.training import train_fp_model
@@ -126,13 +153,15 @@ def main(argv=None) -> dict:
     plan = [(wa, m) for wa in bits for m in args.methods] + [(wa, m) for wa in sanity for m in args.sanity_methods]
     os.makedirs(args.out, exist_ok=True)
     path = osp.join(args.out, 'results.json')
-    results = {'models': {}}
-    if osp.isfile(path):
-        with open(path) as f:
-            results = json.load(f)
-    results.update(machine=f'{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}',
-                   command='python tools/bench_accuracy.py ' + ' '.join(argv if argv is not None else sys.argv[1:]))
-    for model in args.models:
+    results = load_results(path) if osp.isfile(path) else {'models': {}}
+    for other in args.merge:
+        merge_results(results, load_results(other))
+    results['machine'] = f'{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}'
+    command = 'python tools/bench_accuracy.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    results['commands'] = list(dict.fromkeys(results.get('commands', []) + [command]))
+    if args.merge:
+        save_results(results, path)
+    for model in ([] if args.no_run else args.models):
         fp = train_fp_model(osp.join(REPO, 'configs/demo', f'{model}.py'), osp.join(REPO, 'work_dirs/demo', model))
         res = results['models'].setdefault(model, {'runs': []})
         res['fp'] = fp['metrics']
@@ -141,8 +170,7 @@ def main(argv=None) -> dict:
             if any(run_key(r) == key for r in res['runs']):
                 continue
             res['runs'].append(run_one(model, method, w_bits, a_bits, args, fp['checkpoint']))
-            with open(path, 'w') as f:
-                json.dump(results, f, indent=2)
+            save_results(results, path)
     methods = list(dict.fromkeys(args.methods + args.sanity_methods))
     print(table(results, methods, bits + sanity))
     plot(results, methods, bits + sanity, osp.join(args.out, 'accuracy.png'))

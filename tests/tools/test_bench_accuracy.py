@@ -1,0 +1,42 @@
+"""Merging benchmark results and rendering the table (no models run)."""
+import json
+
+from tools.bench_accuracy import load_results, main, merge_results, table
+
+
+def _run(method: str, w: int, a: int, m_ap: float, iters: int = 300, options=()) -> dict:
+    return {'model': 'm', 'method': method, 'w_bits': w, 'a_bits': a, 'iters': iters, 'num_images': 32,
+            'options': list(options), 'metrics': {'coco/bbox_mAP': m_ap}, 'seconds': 1.0}
+
+
+def test_merge_adds_only_missing_runs_and_keeps_commands():
+    a = {'models': {'m': {'fp': {'coco/bbox_mAP': 0.5}, 'runs': [_run('rtn', 4, 4, 0.3)]}}, 'commands': ['x']}
+    b = {'models': {'m': {'fp': {'coco/bbox_mAP': 0.5}, 'runs': [_run('rtn', 4, 4, 0.1), _run('qdrop', 4, 4, 0.4)]},
+                    'n': {'fp': {'mIoU': 40.0}, 'runs': [_run('qwt', 2, 4, 30.0)]}}, 'commands': ['y']}
+    merge_results(a, b)
+    assert [r['metrics']['coco/bbox_mAP'] for r in a['models']['m']['runs']] == [0.3, 0.4]
+    assert a['models']['n']['fp'] == {'mIoU': 40.0}
+    assert a['commands'] == ['x', 'y']
+
+
+def test_table_one_row_per_method_options_and_iterations():
+    res = {'models': {'m': {'fp': {'coco/bbox_mAP': 0.5}, 'runs': [
+        _run('rtn', 4, 4, 0.3), _run('qdrop', 4, 4, 0.4), _run('qdrop', 2, 4, 0.2),
+        _run('qdrop', 2, 4, 0.25, iters=2000), _run('qdrop', 2, 4, 0.22, options=['ptq.drop_prob=1.0'])]}}}
+    lines = table(res, ['rtn', 'qdrop'], [(4, 4), (2, 4)]).strip().splitlines()
+    assert 'FP 0.500' in lines[0]
+    rows = {ln[:34].strip(): ln[34:].split() for ln in lines[2:]}
+    assert rows == {'rtn': ['0.300', '-'], 'qdrop, 300 it': ['0.400', '0.200'], 'qdrop, 2000 it': ['-', '0.250'],
+                    'qdrop[drop_prob=1.0], 300 it': ['-', '0.220']}
+
+
+def test_no_run_merges_old_single_command_files(tmp_path):
+    old = tmp_path / 'old.json'
+    old.write_text(json.dumps({'models': {'m': {'fp': {'coco/bbox_mAP': 0.5}, 'runs': [_run('rtn', 4, 4, 0.3)]}},
+                               'command': 'python tools/bench_accuracy.py --models m'}))
+    out = tmp_path / 'out'
+    main(['--no-run', '--merge', str(old), '--methods', 'rtn', '--bits', '4/4', '--sanity-bits', '--out', str(out)])
+    merged = load_results(str(out / 'results.json'))
+    assert merged['models']['m']['runs'][0]['metrics']['coco/bbox_mAP'] == 0.3
+    assert merged['commands'][0] == 'python tools/bench_accuracy.py --models m'
+    assert (out / 'accuracy.png').stat().st_size > 0
