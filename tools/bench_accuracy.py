@@ -28,6 +28,11 @@ METRIC = {'faster_rcnn_r18_fpn_shapes': 'coco/bbox_mAP', 'retinanet_r18_fpn_shap
           'sem_fpn_r18_shapes': 'mIoU'}
 
 
+def metric_key(model: str, res: dict) -> str:
+    """The headline metric of a model's rows: known demo models by name, others by what their FP result holds."""
+    return METRIC.get(model, 'mIoU' if 'mIoU' in res.get('fp', {}) else 'coco/bbox_mAP')
+
+
 def run_key(run: dict) -> tuple:
     return (run['method'], run['w_bits'], run['a_bits'], run.get('iters'), run.get('num_images'),
             tuple(run.get('options', ())))
@@ -35,7 +40,8 @@ def run_key(run: dict) -> tuple:
 
 def label(run: dict) -> str:
     """Method name, with any extra options, as the table shows it."""
-    return run['method'] + (f"[{','.join(o.replace('ptq.', '') for o in run['options'])}]" if run.get('options') else '')
+    short = [o.replace('ptq.', '').replace('method_options.', '') for o in run.get('options', ())]
+    return run['method'] + (f"[{','.join(short)}]" if short else '')
 
 
 def run_one(model: str, method: str, w_bits: int, a_bits: int, args, fp_ckpt: str) -> dict:
@@ -73,13 +79,30 @@ def cell(res: dict, name: str, wa: tuple, key: str):
 def table(results: dict, methods, bits) -> str:
     lines = []
     for model, res in results['models'].items():
-        key = METRIC.get(model, 'coco/bbox_mAP')
+        key = metric_key(model, res)
         lines.append(f"\n{model} ({key}; FP {res['fp'].get(key, float('nan')):.3f})")
         lines.append(f"{'method':<34}" + ''.join(f'{"W%dA%d" % wa:>9}' for wa in bits))
         for name in row_names(res, methods):
             vals = [cell(res, name, wa, key) for wa in bits]
             lines.append(f'{name:<34}' + ''.join(f'{v:>9.3f}' if v is not None else f'{"-":>9}' for v in vals))
     return '\n'.join(lines)
+
+
+def markdown(results: dict, methods, bits) -> str:
+    """The same table as `table`, one Markdown table per model, for the README."""
+    out = []
+    for model, res in results['models'].items():
+        key = metric_key(model, res)
+        digits = 2 if key == 'mIoU' else 3
+        out += [f"\n**{model}** ({key}, FP {res['fp'].get(key, float('nan')):.{digits}f})\n",
+                '| method | ' + ' | '.join('W%dA%d' % wa for wa in bits) + ' | seconds per run |',
+                '|---' * (len(bits) + 2) + '|']
+        for name in row_names(res, methods):
+            vals = [cell(res, name, wa, key) for wa in bits]
+            secs = [r['seconds'] for r in res['runs'] if row_name(r) == name and (r['w_bits'], r['a_bits']) in bits]
+            out.append(f'| {name} | ' + ' | '.join(f'{v:.{digits}f}' if v is not None else '-' for v in vals)
+                       + f' | {sum(secs) / len(secs):.0f} |')
+    return '\n'.join(out)
 
 
 def plot(results: dict, methods, bits, path: str) -> None:
@@ -89,7 +112,8 @@ def plot(results: dict, methods, bits, path: str) -> None:
     models = list(results['models'])
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        res, key = results['models'][model], METRIC.get(model, 'coco/bbox_mAP')
+        res = results['models'][model]
+        key = metric_key(model, res)
         names = row_names(res, methods)
         width = 0.8 / max(len(names), 1)
         for i, name in enumerate(names):
@@ -143,6 +167,7 @@ def main(argv=None) -> dict:
     p.add_argument('--out', default=osp.join(REPO, 'work_dirs/bench_accuracy'))
     p.add_argument('--merge', nargs='*', default=[], help='results.json files of earlier runs to add to --out first')
     p.add_argument('--no-run', action='store_true', help='only print the table and draw the chart of what --out holds')
+    p.add_argument('--markdown', action='store_true', help='print the table as Markdown (for the README)')
     args = p.parse_args(argv)
     import torch
     from qdrop_mm.demo.training import train_fp_model
@@ -172,7 +197,7 @@ def main(argv=None) -> dict:
             res['runs'].append(run_one(model, method, w_bits, a_bits, args, fp['checkpoint']))
             save_results(results, path)
     methods = list(dict.fromkeys(args.methods + args.sanity_methods))
-    print(table(results, methods, bits + sanity))
+    print((markdown if args.markdown else table)(results, methods, bits + sanity))
     plot(results, methods, bits + sanity, osp.join(args.out, 'accuracy.png'))
     print(f'wrote {path} and accuracy.png')
     return results

@@ -40,3 +40,16 @@ def test_no_run_merges_old_single_command_files(tmp_path):
     assert merged['models']['m']['runs'][0]['metrics']['coco/bbox_mAP'] == 0.3
     assert merged['commands'][0] == 'python tools/bench_accuracy.py --models m'
     assert (out / 'accuracy.png').stat().st_size > 0
+
+
+def test_markdown_table_matches_text_rows():
+    from tools.bench_accuracy import markdown
+    res = {'models': {'seg': {'fp': {'mIoU': 42.5}, 'runs': [
+        {**_run('rtn', 4, 4, 0.0), 'metrics': {'mIoU': 41.25}, 'seconds': 12.4},
+        {**_run('qdrop', 2, 4, 0.0), 'metrics': {'mIoU': 30.0}}]}}}
+    md = markdown(res, ['rtn', 'qdrop'], [(4, 4), (2, 4)]).strip().splitlines()
+    assert md[0] == '**seg** (mIoU, FP 42.50)'
+    assert md[2].startswith('| method | W4A4 | W2A4 |')
+    assert md[4] == '| rtn | 41.25 | - | 12 |'
+    assert md[5].endswith(' | 1 |')
+    assert md[5].startswith('| qdrop, 300 it | - | 30.00 |')
