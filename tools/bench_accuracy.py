@@ -122,8 +122,9 @@ def plot(results: dict, methods, bits, path: str) -> None:
         ax.axhline(res['fp'].get(key, 0), color='k', linestyle='--', label='FP')
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], [f'W{w}A{a}' for w, a in bits])
         ax.set_title(f'{model}\n{key}')
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=min(len(labels), 4), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
     fig.savefig(path, dpi=100)
 
 
