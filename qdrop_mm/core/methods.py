@@ -12,7 +12,7 @@ distribution correction (``MethodConfig.prediction``, ``core/prediction_loss.py`
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Optional, Tuple
 
 
@@ -180,6 +180,9 @@ class MethodOptions:
 
 TUNABLE_STAGE_OPTIONS = frozenset(StageConfig.__dataclass_fields__) - {
     'iters', 'learn_rounding', 'learn_act_steps', 'act_quant', 'drop_prob'}
+# 'bool', 'int' or 'float' (the annotations are strings here) for every option a config may set
+OPTION_TYPES: Dict[str, str] = {f.name: str(f.type) for cls in (StageConfig, PredictionConfig) for f in fields(cls)
+                                if f.name in TUNABLE_STAGE_OPTIONS | PREDICTION_OPTIONS}
 MethodBuilder = Callable[[MethodOptions], MethodConfig]
 METHODS: Dict[str, MethodBuilder] = {}
 

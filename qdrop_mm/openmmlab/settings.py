@@ -12,7 +12,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from qdrop_mm.core.fake_quant import MAX_BITS, MIN_BITS
 from qdrop_mm.core.unit_cache import DTYPES, GiB, CachePolicy
-from qdrop_mm.core.methods import METHODS, PREDICTION_OPTIONS, TUNABLE_STAGE_OPTIONS, MethodConfig, build_method
+from qdrop_mm.core.methods import (METHODS, OPTION_TYPES, PREDICTION_OPTIONS, TUNABLE_STAGE_OPTIONS, MethodConfig,
+                                   build_method)
 
 
 class PTQError(Exception):
@@ -106,16 +107,14 @@ class PTQSettings:
         kw['scope'] = tuple(scope)
         kw['overrides'] = tuple(_override(k, v) for k, v in _flatten_overrides(cfg.get('overrides', {})).items())
         opts = dict(cfg.get('method_options', {}))
+        if 'batch_size' in opts:
+            raise PTQConfigError('ptq.method_options.batch_size: the reconstruction batch size is ptq.batch_size')
         bad = sorted(set(opts) - TUNABLE_STAGE_OPTIONS - PREDICTION_OPTIONS)
         if bad:
             raise PTQConfigError(f'ptq.method_options has unknown key(s) {bad}; '
                                  f'allowed: {sorted(TUNABLE_STAGE_OPTIONS)}, for pdquant: {sorted(PREDICTION_OPTIONS)}')
         for key, value in opts.items():
-            integer = key in ('batch_size', 'log_interval', 'early_stop_patience', 'pd_interval', 'dc_iters')
-            if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
-                    or not math.isfinite(value)):
-                raise PTQConfigError(f'ptq.method_options.{key} must be a finite '
-                                     f'{"integer" if integer else "number"}, got {value!r}')
+            _check_option_type(key, value)
         kw['method_options'] = opts
         kw['cache'] = _cache_options(cfg.get('cache', {}))
         for key in ('w_observer', 'a_observer'):
@@ -194,6 +193,20 @@ def _device_budget(value: Any) -> int:
         return 0
     free, _ = torch.cuda.mem_get_info()
     return int(free * AUTO_DEVICE_FRACTION)
+
+
+def _check_option_type(key: str, value: Any) -> None:
+    """``ptq.method_options.<key>`` has the type of the StageConfig/PredictionConfig field it sets."""
+    kind = OPTION_TYPES[key]
+    if kind == 'bool':
+        if not isinstance(value, bool):
+            raise PTQConfigError(f'ptq.method_options.{key} must be True or False, got {value!r}')
+        return
+    integer = kind == 'int'
+    if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+            or not math.isfinite(value)):
+        raise PTQConfigError(f'ptq.method_options.{key} must be a finite '
+                             f'{"integer" if integer else "number"}, got {value!r}')
 
 
 def _flatten_overrides(value: Any, prefix: str = '') -> Dict[str, Any]:

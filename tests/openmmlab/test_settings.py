@@ -51,3 +51,17 @@ def test_nested_overrides_from_cfg_options_flatten_to_module_paths():
                                                                      ('backbone.layer2', 6, 8)}
     assert s.bits_for('backbone.layer1.0.conv1', first_layer=False) == (8, 4)
     assert s.bits_for('backbone.layer1.1.conv1', first_layer=False) == (4, 4)
+
+
+def test_method_option_types_follow_the_stage_fields():
+    from qdrop_mm.openmmlab.settings import PTQConfigError
+    s = PTQSettings.from_cfg(dict(method_options=dict(compile=True, log_interval=50, w_lr=2e-3)))
+    stage = s.build_method().stages[0]
+    assert (stage.compile, stage.log_interval, stage.w_lr) == (True, 50, 2e-3)
+    for opts, match in [(dict(compile=1), 'compile must be True or False'),
+                        (dict(log_interval=2.0), 'log_interval must be a finite integer'),
+                        (dict(batch_size=4), 'the reconstruction batch size is ptq.batch_size'),
+                        (dict(pd_interval=True), 'pd_interval must be a finite integer'),
+                        (dict(w_lr=float('nan')), 'w_lr must be a finite number')]:
+        with pytest.raises(PTQConfigError, match=match):
+            PTQSettings.from_cfg(dict(method_options=opts))
