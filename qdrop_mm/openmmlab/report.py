@@ -43,7 +43,7 @@ def build_report(settings: PTQSettings, units: Sequence[Unit], result: Optional[
     report = {
         'settings': settings.to_dict(),
         'method': result.method if result else settings.build_method().to_dict(),
-        'metrics': {k: _plain(v) for k, v in metrics.items()},
+        'metrics': plain_metrics(metrics),
         'units': rows,
         'plan': [{'name': u.name, 'kind': u.kind, **unit_bits(u),
                   'num_weights': sum(weight_bit_counts(u.module).values())} for u in units],
@@ -61,6 +61,11 @@ def _plain(v: Any) -> Any:
         return float(v)
     except (TypeError, ValueError):
         return v if isinstance(v, (str, int, list, dict)) or v is None else str(v)
+
+
+def plain_metrics(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """An evaluator's metrics as JSON-ready values (numbers as floats)."""
+    return {k: _plain(v) for k, v in metrics.items()}
 
 
 def write_report(report: Dict[str, Any], path: str) -> None:

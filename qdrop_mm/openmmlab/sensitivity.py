@@ -32,7 +32,7 @@ from .block_plan import plan_model
 from .calibration import build_calibration_batches, feature_forward, num_images
 from .ptq_loop import _CheckpointFitHook
 from .registry import LOOPS
-from .report import format_bits, unit_bits
+from .report import format_bits, plain_metrics, unit_bits
 from .report_plots import SENSITIVITY_FILE, write_sensitivity_plot
 from .resume import seed_everything
 from .settings import PTQConfigError, PTQSettings
@@ -189,8 +189,8 @@ class SensitivityLoop(TestLoop):
     def __init__(self, runner, dataloader, evaluator, fp16: bool = False, ptq: Optional[dict] = None,
                  eval_images: int = 4, keep_8bit: int = 2, metric: Optional[str] = None) -> None:
         super().__init__(runner, dataloader, evaluator, fp16)
-        self.settings = PTQSettings.from_cfg(ptq if ptq is not None else runner.cfg.get('ptq', {}))
         self.ptq_cfg = dict(ptq if ptq is not None else runner.cfg.get('ptq', {}))
+        self.settings = PTQSettings.from_cfg(self.ptq_cfg)
         if isinstance(eval_images, bool) or not isinstance(eval_images, int) or eval_images <= 0:
             raise PTQConfigError(f'--eval-images must be a positive integer, got {eval_images!r}')
         if isinstance(keep_8bit, bool) or not isinstance(keep_8bit, int) or keep_8bit < 0:
@@ -287,10 +287,10 @@ class SensitivityLoop(TestLoop):
             fp_metrics = TestLoop.run(self)
         key = choose_metric(fp_metrics, self.metric)
         report['metric'] = key
-        report['fp'] = {'metric': float(fp_metrics[key]), 'metrics': _plain(fp_metrics)}
+        report['fp'] = {'metric': float(fp_metrics[key]), 'metrics': plain_metrics(fp_metrics)}
         with quant_state(model, weight=True, act=True, drop_prob=1.0):
             all_metrics = TestLoop.run(self)
-        report['all_units'].update(metric=float(all_metrics[key]), metrics=_plain(all_metrics))
+        report['all_units'].update(metric=float(all_metrics[key]), metrics=plain_metrics(all_metrics))
         for i, (unit, row) in enumerate(zip(units, rows)):
             with quant_state(model, weight=False, act=False), \
                     quant_state(unit.module, weight=True, act=True, drop_prob=1.0):
@@ -307,7 +307,3 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_plain(v) for v in value)
     return value
-
-
-def _plain(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: float(v) if isinstance(v, (int, float)) else str(v) for k, v in metrics.items()}
