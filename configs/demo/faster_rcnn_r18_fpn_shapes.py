@@ -1,8 +1,11 @@
 # Faster R-CNN, ResNet-18 (base_channels=32) + FPN, trained from scratch on the synthetic
-# shapes task; sized for a 2-core CPU: the qdrop_mm demo trains it in ~7-12 minutes
+# shapes task; sized for a 2-core CPU: the qdrop_mm demo trains it in ~12 minutes
 # (python tools/train_demo.py configs/demo/faster_rcnn_r18_fpn_shapes.py).
 # Recipe notes (measured on the 256 px / 400-image split): AdamW 2e-3 reaches ~0.44 bbox mAP
 # in 1500 iterations where SGD 0.02 reaches ~0.07 in 600 and AdamW 4e-3 diverges to ~0.13.
+# 64 sampled RoIs per image (not 128) and 500/200 RPN training proposals cut an iteration from
+# 0.43 to 0.33 s on 2 idle cores (mmcv's CPU RoIAlign backward and NMS dominated); the time
+# saved buys 2200 iterations instead of 1200: val bbox mAP 0.382 -> 0.564.
 _base_ = [
     'mmdet::_base_/models/faster-rcnn_r50_fpn.py',
     './_base_/shapes_det.py',
@@ -10,7 +13,7 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
 ]
 
-max_iters = 1200
+max_iters = 2200
 warmup_iters = 100
 base_channels = 32  # ResNet-18 layout (BasicBlock x [2, 2, 2, 2]) at half width
 fpn_channels = 64
@@ -33,8 +36,8 @@ model = dict(
         bbox_roi_extractor=dict(out_channels=fpn_channels, finest_scale=28),
         bbox_head=dict(in_channels=fpn_channels, fc_out_channels=256, num_classes=6)),
     train_cfg=dict(
-        rpn_proposal=dict(nms_pre=1000, max_per_img=300),
-        rcnn=dict(sampler=dict(num=128, pos_fraction=0.5))),
+        rpn_proposal=dict(nms_pre=500, max_per_img=200),
+        rcnn=dict(sampler=dict(num=64, pos_fraction=0.5))),
     test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=300)))
 
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
