@@ -143,12 +143,32 @@ def save_results(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def check_same_fp_model(model: str, res: dict, digest, fp_metrics: dict, where: str) -> None:
+    """Refuse to mix runs of two different FP models of `model` in one table.
+
+    Results carry the FP config digest (``fp_digest``); files written before it was kept are
+    matched on their FP metrics instead.
+    """
+    have = res.get('fp_digest')
+    if have is not None and digest is not None:
+        same = have == digest
+    else:
+        same = not res.get('runs') or not res.get('fp') or not fp_metrics or res['fp'] == fp_metrics
+    if not same:
+        raise SystemExit(f'error: {where} holds {model} runs of another FP model (digest {have or "unknown"}, '
+                         f'FP {res.get("fp")}); the current one is {digest or "unknown"} (FP {fp_metrics}). '
+                         'Use another --out, or remove that model from the file.')
+
+
 def merge_results(into: dict, other: dict) -> None:
     """Add the runs of `other` that `into` lacks (same model, method, bits, iterations, images, options)."""
     into['commands'] = list(dict.fromkeys(into.get('commands', []) + other.get('commands', [])))
     for model, res in other['models'].items():
         mine = into['models'].setdefault(model, {'runs': [], 'fp': res.get('fp', {})})
         mine.setdefault('fp', res.get('fp', {}))
+        check_same_fp_model(model, mine, res.get('fp_digest'), res.get('fp', {}), 'the merged results')
+        if res.get('fp_digest'):
+            mine.setdefault('fp_digest', res['fp_digest'])
         have = {run_key(r) for r in mine['runs']}
         mine['runs'] += [r for r in res['runs'] if run_key(r) not in have]
 
@@ -190,7 +210,9 @@ def main(argv=None) -> dict:
     for model in ([] if args.no_run else args.models):
         fp = train_fp_model(osp.join(REPO, 'configs/demo', f'{model}.py'), osp.join(REPO, 'work_dirs/demo', model))
         res = results['models'].setdefault(model, {'runs': []})
-        res['fp'] = fp['metrics']
+        digest = fp['record']['config_digest']
+        check_same_fp_model(model, res, digest, fp['metrics'], path)
+        res['fp'], res['fp_digest'] = fp['metrics'], digest
         for (w_bits, a_bits), method in plan:
             key = (method, w_bits, a_bits, args.iters, args.num_images, tuple(args.options))
             if any(run_key(r) == key for r in res['runs']):

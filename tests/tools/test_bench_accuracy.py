@@ -53,3 +53,21 @@ def test_markdown_table_matches_text_rows():
     assert md[4] == '| rtn | 41.25 | - | 12 |'
     assert md[5].endswith(' | 1 |')
     assert md[5].startswith('| qdrop, 300 it | - | 30.00 |')
+
+
+def test_runs_of_another_fp_model_are_refused():
+    import pytest
+    from tools.bench_accuracy import check_same_fp_model
+    res = {'fp': {'coco/bbox_mAP': 0.382}, 'fp_digest': 'aaa', 'runs': [_run('rtn', 4, 4, 0.3)]}
+    check_same_fp_model('m', res, 'aaa', {'coco/bbox_mAP': 0.382}, 'x.json')
+    with pytest.raises(SystemExit, match='another FP model'):
+        check_same_fp_model('m', res, 'bbb', {'coco/bbox_mAP': 0.382}, 'x.json')
+    legacy = {'fp': {'coco/bbox_mAP': 0.382}, 'runs': [_run('rtn', 4, 4, 0.3)]}
+    check_same_fp_model('m', legacy, 'bbb', {'coco/bbox_mAP': 0.382}, 'x.json')
+    with pytest.raises(SystemExit, match='another FP model'):
+        check_same_fp_model('m', legacy, 'bbb', {'coco/bbox_mAP': 0.564}, 'x.json')
+    a = {'models': {'m': {'fp': {'coco/bbox_mAP': 0.5}, 'fp_digest': 'aaa', 'runs': [_run('rtn', 4, 4, 0.3)]}}}
+    b = {'models': {'m': {'fp': {'coco/bbox_mAP': 0.6}, 'fp_digest': 'bbb', 'runs': [_run('qdrop', 4, 4, 0.4)]}}}
+    with pytest.raises(SystemExit, match='another FP model'):
+        merge_results(a, b)
+    assert len(a['models']['m']['runs']) == 1
