@@ -5,7 +5,7 @@
 # in 1500 iterations where SGD 0.02 reaches ~0.07 in 600 and AdamW 4e-3 diverges to ~0.13.
 # 64 sampled RoIs per image (not 128) and 500/200 RPN training proposals cut an iteration from
 # 0.43 to 0.33 s on 2 idle cores (mmcv's CPU RoIAlign backward and NMS dominated); the time
-# saved buys 2200 iterations instead of 1200: val bbox mAP 0.382 -> 0.564.
+# saved buys 2200 iterations instead of 1200: val bbox mAP 0.382 -> 0.549 (0.564 in a one-thread run).
 _base_ = [
     'mmdet::_base_/models/faster-rcnn_r50_fpn.py',
     './_base_/shapes_det.py',
