@@ -2,14 +2,17 @@
 
     python tools/bench_accuracy.py [--models faster_rcnn_r18_fpn_shapes ...] [--bits 4/4 2/4]
         [--methods rtn adaround brecq qdrop] [--sanity-bits 8/8] [--sanity-methods rtn qdrop]
-        [--iters 300] [--num-images 32] [--threads 1]
+        [--iters 300] [--num-images 32] [--seeds 3] [--threads 1]
 
 Trains (or reuses) each demo FP model, runs tools/ptq.py for every method and
 bit width with the given iterations per unit (plus the sanity bit widths for
-the sanity methods), prints a table like the papers' and writes
-work_dirs/bench_accuracy/results.json and accuracy.png. Runs already in
-results.json with the same settings are reused, so an interrupted benchmark
-continues and new methods can be added later.
+the sanity methods) and each seed (``ptq.seed`` = 0 … N-1: calibration images,
+drop masks, batch order), prints a table like the papers' (mean ± sample std
+over the seeds; ``*`` where a row beats RTN by more than the two stds added, and
+below each table every pair of rows one of which beats the other by more than
+that combined spread) and writes work_dirs/bench_accuracy/results.json (every
+run) and accuracy.png. Runs already in results.json with the same settings are
+reused, so an interrupted benchmark continues and methods or seeds can be added later.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import json
 import os
 import os.path as osp
 import platform
+import statistics
 import sys
 import time
 
@@ -35,7 +39,7 @@ def metric_key(model: str, res: dict) -> str:
 
 def run_key(run: dict) -> tuple:
     return (run['method'], run['w_bits'], run['a_bits'], run.get('iters'), run.get('num_images'),
-            tuple(run.get('options', ())))
+            tuple(run.get('options', ())), run.get('seed', 0))
 
 
 def label(run: dict) -> str:
@@ -44,19 +48,19 @@ def label(run: dict) -> str:
     return run['method'] + (f"[{','.join(short)}]" if short else '')
 
 
-def run_one(model: str, method: str, w_bits: int, a_bits: int, args, fp_ckpt: str) -> dict:
+def run_one(model: str, method: str, w_bits: int, a_bits: int, seed: int, args, fp_ckpt: str) -> dict:
     from tools.ptq import main as ptq_main
     cfg = osp.join(REPO, 'configs/demo', f'{model}.py')
     work = osp.join(args.out, model, f'{method}_w{w_bits}a{a_bits}_{args.iters}it' + ''.join(
-        '_' + o.replace('ptq.', '').replace('=', '') for o in args.options))
+        '_' + o.replace('ptq.', '').replace('=', '') for o in args.options) + (f'_seed{seed}' if seed else ''))
     opts = [f'ptq.method={method}', f'ptq.w_bits={w_bits}', f'ptq.a_bits={a_bits}', f'ptq.iters={args.iters}',
             f'ptq.act_iters={max(1, args.iters // 4)}', f'ptq.num_images={args.num_images}',
-            'ptq.calib_num_workers=0', *args.options]
+            f'ptq.seed={seed}', 'ptq.calib_num_workers=0', *args.options]
     t0 = time.perf_counter()
     metrics = ptq_main([cfg, '--checkpoint', fp_ckpt, '--work-dir', work, '--cfg-options', *opts])
     return {'model': model, 'method': method, 'w_bits': w_bits, 'a_bits': a_bits, 'iters': args.iters,
-            'num_images': args.num_images, 'options': list(args.options), 'metrics': {k: float(v) for k, v in metrics.items()},
-            'seconds': time.perf_counter() - t0}
+            'num_images': args.num_images, 'options': list(args.options), 'seed': seed,
+            'metrics': {k: float(v) for k, v in metrics.items()}, 'seconds': time.perf_counter() - t0}
 
 
 NO_ITERATIONS = ('rtn', 'qwt')
@@ -71,20 +75,71 @@ def row_names(res: dict, methods) -> list:
     return list(dict.fromkeys(row_name(r) for m in methods for r in res['runs'] if r['method'] == m))
 
 
+class Cell:
+    """The runs of one table cell (one row, one bit width), one value per seed: mean and sample std."""
+
+    def __init__(self, values) -> None:
+        self.values = list(values)
+        self.mean = statistics.fmean(self.values)
+        self.std = statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def beats(self, other: 'Cell') -> bool:
+        """Both have >= 2 seeds and self's mean exceeds other's by more than the two stds added."""
+        return min(len(self.values), len(other.values)) > 1 and self.mean - other.mean > self.std + other.std
+
+    def text(self, digits: int) -> str:
+        if len(self.values) == 1:
+            return f'{self.mean:.{digits}f}'
+        return f'{self.mean:.{digits}f}±{self.std:.{digits}f}'
+
+
 def cell(res: dict, name: str, wa: tuple, key: str):
-    vals = [r['metrics'].get(key) for r in res['runs'] if row_name(r) == name and (r['w_bits'], r['a_bits']) == wa]
-    return vals[-1] if vals else None
+    """The row's runs at bit width ``wa``, the last run of each seed; None when there are none."""
+    by_seed = {r.get('seed', 0): r['metrics'].get(key) for r in res['runs']
+               if row_name(r) == name and (r['w_bits'], r['a_bits']) == wa and key in r['metrics']}
+    return Cell(by_seed.values()) if by_seed else None
+
+
+def _mark(res: dict, name: str, c, wa: tuple, key: str) -> str:
+    """'*' where the row beats RTN at this bit width by more than the combined spread."""
+    base = cell(res, 'rtn', wa, key)
+    return '*' if c is not None and base is not None and name != 'rtn' and c.beats(base) else ''
+
+
+def significant_pairs(res: dict, methods, bits, key: str):
+    """(bits, winner row, loser row, gap) for every pair of rows whose means differ by more than their stds added."""
+    names = row_names(res, methods)
+    out = []
+    for wa in bits:
+        cells = {n: cell(res, n, wa, key) for n in names}
+        for a in names:
+            for b in names:
+                if a != b and cells[a] is not None and cells[b] is not None and cells[a].beats(cells[b]):
+                    out.append((wa, a, b, cells[a].mean - cells[b].mean))
+    return out
+
+
+def _seed_counts(res: dict, names, bits, key: str) -> str:
+    counts = sorted({len(c.values) for n in names for wa in bits for c in [cell(res, n, wa, key)] if c})
+    return '/'.join(map(str, counts)) or '0'
 
 
 def table(results: dict, methods, bits) -> str:
     lines = []
     for model, res in results['models'].items():
         key = metric_key(model, res)
-        lines.append(f"\n{model} ({key}; FP {res['fp'].get(key, float('nan')):.3f})")
-        lines.append(f"{'method':<34}" + ''.join(f'{"W%dA%d" % wa:>9}' for wa in bits))
-        for name in row_names(res, methods):
-            vals = [cell(res, name, wa, key) for wa in bits]
-            lines.append(f'{name:<34}' + ''.join(f'{v:>9.3f}' if v is not None else f'{"-":>9}' for v in vals))
+        digits = 2 if key == 'mIoU' else 3
+        names = row_names(res, methods)
+        lines.append(f"\n{model} ({key}; FP {res['fp'].get(key, float('nan')):.{digits}f}; "
+                     f"seeds per cell: {_seed_counts(res, names, bits, key)})")
+        lines.append(f"{'method':<34}" + ''.join(f'{"W%dA%d" % wa:>16}' for wa in bits))
+        for name in names:
+            cells = [cell(res, name, wa, key) for wa in bits]
+            lines.append(f'{name:<34}' + ''.join(
+                f'{c.text(digits) + _mark(res, name, c, wa, key):>16}' if c is not None else f'{"-":>16}'
+                for c, wa in zip(cells, bits)))
+        for wa, a, b, gap in significant_pairs(res, methods, bits, key):
+            lines.append(f'  W{wa[0]}A{wa[1]}: {a} > {b} by {gap:.{digits}f} (more than the combined std)')
     return '\n'.join(lines)
 
 
@@ -94,14 +149,17 @@ def markdown(results: dict, methods, bits) -> str:
     for model, res in results['models'].items():
         key = metric_key(model, res)
         digits = 2 if key == 'mIoU' else 3
-        out += [f"\n**{model}** ({key}, FP {res['fp'].get(key, float('nan')):.{digits}f})\n",
+        names = row_names(res, methods)
+        out += [f"\n**{model}** ({key}, FP {res['fp'].get(key, float('nan')):.{digits}f}; "
+                f"seeds per cell: {_seed_counts(res, names, bits, key)})\n",
                 '| method | ' + ' | '.join('W%dA%d' % wa for wa in bits) + ' | seconds per run |',
                 '|---' * (len(bits) + 2) + '|']
-        for name in row_names(res, methods):
-            vals = [cell(res, name, wa, key) for wa in bits]
+        for name in names:
+            cells = [cell(res, name, wa, key) for wa in bits]
             secs = [r['seconds'] for r in res['runs'] if row_name(r) == name and (r['w_bits'], r['a_bits']) in bits]
-            out.append(f'| {name} | ' + ' | '.join(f'{v:.{digits}f}' if v is not None else '-' for v in vals)
-                       + f' | {sum(secs) / len(secs):.0f} |')
+            out.append(f'| {name} | ' + ' | '.join(
+                c.text(digits) + _mark(res, name, c, wa, key) if c is not None else '-'
+                for c, wa in zip(cells, bits)) + f' | {sum(secs) / len(secs):.0f} |')
     return '\n'.join(out)
 
 
@@ -117,8 +175,9 @@ def plot(results: dict, methods, bits, path: str) -> None:
         names = row_names(res, methods)
         width = 0.8 / max(len(names), 1)
         for i, name in enumerate(names):
-            vals = [cell(res, name, wa, key) or 0 for wa in bits]
-            ax.bar([j + i * width for j in range(len(bits))], vals, width, label=name)
+            cells = [cell(res, name, wa, key) for wa in bits]
+            ax.bar([j + i * width for j in range(len(bits))], [c.mean if c else 0 for c in cells], width,
+                   yerr=[c.std if c else 0 for c in cells], capsize=2, label=name)
         ax.axhline(res['fp'].get(key, 0), color='k', linestyle='--', label='FP')
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], [f'W{w}A{a}' for w, a in bits])
         ax.set_title(f'{model}\n{key}')
@@ -182,6 +241,7 @@ def main(argv=None) -> dict:
     p.add_argument('--sanity-methods', nargs='*', default=['rtn', 'qdrop'])
     p.add_argument('--iters', type=int, default=300)
     p.add_argument('--num-images', type=int, default=32)
+    p.add_argument('--seeds', type=int, default=1, help='runs per cell with ptq.seed = 0 … N-1 (>= 3 for claims)')
     p.add_argument('--options', nargs='*', default=[], help='extra --cfg-options for every run, e.g. ptq.drop_prob=1.0 '
                    '(kept with each result and shown beside the method name)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (1: run several benchmarks at once)')
@@ -194,6 +254,8 @@ def main(argv=None) -> dict:
     from qdrop_mm.demo.training import train_fp_model
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.seeds < 1:
+        raise SystemExit(f'error: --seeds must be >= 1, got {args.seeds}')
     parse = lambda pairs: [tuple(int(b) for b in wa.split('/')) for wa in pairs]  # noqa: E731
     bits, sanity = parse(args.bits), [wa for wa in parse(args.sanity_bits) if wa not in parse(args.bits)]
     plan = [(wa, m) for wa in bits for m in args.methods] + [(wa, m) for wa in sanity for m in args.sanity_methods]
@@ -213,12 +275,13 @@ def main(argv=None) -> dict:
         digest = fp['record']['config_digest']
         check_same_fp_model(model, res, digest, fp['metrics'], path)
         res['fp'], res['fp_digest'] = fp['metrics'], digest
-        for (w_bits, a_bits), method in plan:
-            key = (method, w_bits, a_bits, args.iters, args.num_images, tuple(args.options))
-            if any(run_key(r) == key for r in res['runs']):
-                continue
-            res['runs'].append(run_one(model, method, w_bits, a_bits, args, fp['checkpoint']))
-            save_results(results, path)
+        for seed in range(args.seeds):
+            for (w_bits, a_bits), method in plan:
+                key = (method, w_bits, a_bits, args.iters, args.num_images, tuple(args.options), seed)
+                if any(run_key(r) == key for r in res['runs']):
+                    continue
+                res['runs'].append(run_one(model, method, w_bits, a_bits, seed, args, fp['checkpoint']))
+                save_results(results, path)
     methods = list(dict.fromkeys(args.methods + args.sanity_methods))
     print((markdown if args.markdown else table)(results, methods, bits + sanity))
     plot(results, methods, bits + sanity, osp.join(args.out, 'accuracy.png'))

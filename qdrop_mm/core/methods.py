@@ -12,8 +12,12 @@ distribution correction (``MethodConfig.prediction``, ``core/prediction_loss.py`
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Optional, Tuple
+
+PAPER_ITERS = 20000
+SCHEDULES = ('paper', 'budget')
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -41,9 +45,16 @@ class StageConfig:
     start late). ``compile`` runs the unit's training forward through
     ``torch.compile`` (fused elementwise kernels; pays on a GPU, falls back to
     eager with a warning if compilation fails).
+
+    ``accum_steps`` = k: each optimiser step averages the gradients of k batches
+    of ``batch_size`` (the authors' 8 processes × batch 2 on one device: k = 8).
+    ``schedule``: ``'paper'`` uses ``w_lr`` and ``a_lr`` as given (the authors'
+    20 000-iteration values); ``'budget'`` scales both by
+    :meth:`lr_factor` so that rounding variables and activation steps can move as
+    far in a short budget as in the paper's (see :func:`budget_lr_factor`).
     """
 
-    iters: int = 20000
+    iters: int = PAPER_ITERS
     learn_rounding: bool = True
     learn_act_steps: bool = True
     act_quant: bool = True
@@ -60,10 +71,15 @@ class StageConfig:
     early_stop_rel_tol: float = 1e-3
     early_stop_after: float = 0.5
     compile: bool = False
+    accum_steps: int = 1
+    schedule: str = 'paper'
 
     def __post_init__(self) -> None:
         _check_positive_int('iters', self.iters)
         _check_positive_int('batch_size', self.batch_size)
+        _check_positive_int('accum_steps', self.accum_steps)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
         _check_positive_int('log_interval', self.log_interval)
         _check_unit_interval('drop_prob', self.drop_prob)
         _check_unit_interval('warmup', self.warmup)
@@ -79,6 +95,29 @@ class StageConfig:
         for name in ('w_lr', 'a_lr', 'round_weight'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+
+    def lr_factor(self) -> float:
+        """Multiplier of ``w_lr`` and ``a_lr`` under this stage's schedule (1 for ``'paper'``)."""
+        return budget_lr_factor(self.iters) if self.schedule == 'budget' else 1.0
+
+    @property
+    def effective_w_lr(self) -> float:
+        return self.w_lr * self.lr_factor()
+
+    @property
+    def effective_a_lr(self) -> float:
+        return self.a_lr * self.lr_factor()
+
+
+def budget_lr_factor(iters: int) -> float:
+    """sqrt(PAPER_ITERS / iters), at least 1: the ``'budget'`` schedule's learning-rate multiplier.
+
+    Adam moves a parameter by about lr per step, so at the paper's lr a 300-iteration run can move a
+    rounding variable by at most 0.3 (only weights whose fractional part is near 0.5 can change
+    rounding) and an activation step by < 0.01. The square root keeps per-step noise bounded
+    (a linear factor makes 300 iterations 67× noisier per step) while the reachable distance grows.
+    """
+    return max(1.0, math.sqrt(PAPER_ITERS / iters))
 
 
 COMPENSATION_PLACEMENTS = ('before_quantizer', 'after_quantizer')
@@ -161,7 +200,9 @@ class MethodConfig:
     prediction: Optional[PredictionConfig] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {'name': self.name, 'stages': [asdict(s) for s in self.stages],
+        stages = [{**asdict(s), 'effective_w_lr': s.effective_w_lr, 'effective_a_lr': s.effective_a_lr}
+                  for s in self.stages]
+        return {'name': self.name, 'stages': stages,
                 'compensation': asdict(self.compensation) if self.compensation else None,
                 'prediction': asdict(self.prediction) if self.prediction else None}
 
@@ -170,7 +211,7 @@ class MethodConfig:
 class MethodOptions:
     """What a user may set for any method; each method reads what it needs."""
 
-    iters: int = 20000
+    iters: int = PAPER_ITERS
     drop_prob: float = 0.5
     act_iters: int = 5000
     act_lr_stage2: float = 4e-4
@@ -237,7 +278,7 @@ def pdquant(opts: MethodOptions) -> MethodConfig:
     return replace(qdrop(opts), name='pdquant', prediction=PredictionConfig(**opts.prediction))
 
 
-def build_method(name: str, iters: int = 20000, drop_prob: float = 0.5, act_iters: int = 5000,
+def build_method(name: str, iters: int = PAPER_ITERS, drop_prob: float = 0.5, act_iters: int = 5000,
                  act_lr_stage2: float = 4e-4, **stage: Any) -> MethodConfig:
     """Method config by registered name; ``stage`` keywords override StageConfig defaults."""
     if name not in METHODS:

@@ -2,7 +2,9 @@
 
 Loss = output MSE (squared error summed over channels, averaged over batch
 and space) + the AdaRound rounding regulariser. Adam on V (rounding) and Adam
-with cosine annealing on activation step sizes, both every iteration. The
+with cosine annealing on activation step sizes, both every iteration, each
+iteration averaging the gradients of ``accum_steps`` batches, at the learning
+rates of the stage's schedule. The
 unit input is mixed element-wise from x_q and x_fp with the stage's drop
 probability, and the unit's activation quantizers drop with the same p.
 When done, rounding is hardened and dropping switched off.
@@ -113,8 +115,8 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
             a_params.append(q.scale)
     if not (w_params or a_params):  # e.g. BRECQ's activation stage on a unit without activation quantizers
         return ReconResult(loss_before, loss_before, 0, 0.0, [], rel_before, rel_before)
-    w_opt = torch.optim.Adam(w_params, lr=stage.w_lr) if w_params else None
-    a_opt = torch.optim.Adam(a_params, lr=stage.a_lr) if a_params else None
+    w_opt = torch.optim.Adam(w_params, lr=stage.effective_w_lr) if w_params else None
+    a_opt = torch.optim.Adam(a_params, lr=stage.effective_a_lr) if a_params else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=stage.iters, eta_min=0.0) if a_opt else None
     reg = RoundingRegularizer(stage.iters, stage.round_weight, stage.warmup, stage.b_start, stage.b_end)
     stopper = EarlyStopper(stage.early_stop_patience, stage.early_stop_rel_tol) if stage.early_stop_patience else None
@@ -126,28 +128,47 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
     if stage.compile:
         torch._dynamo.reset()  # graphs of earlier units are done with; each unit gets the full recompile budget
 
-    def loss_and_backward(fwd: Callable[[Tensor], Tensor], x: Tensor, target: Tensor, it: int):
+    k = stage.accum_steps
+
+    def loss_and_backward(fwd: Callable[[Tensor], Tensor], x: Tensor, target: Tensor, it: int, first: bool):
+        """Backward of this batch's share of the step's loss; the step-wide terms ride on its first batch."""
         rec = output_mse(fwd(x), target)
-        loss = rec
-        round_term = reg(it, wqs) if w_opt is not None else None
-        if round_term is not None:
-            loss = loss + round_term
-        extra_term = extra_loss(it) if extra_loss is not None else None
-        if extra_term is not None:
-            loss = loss + extra_term
+        loss = rec / k if k > 1 else rec
+        if first:
+            round_term = reg(it, wqs) if w_opt is not None else None
+            if round_term is not None:
+                loss = loss + round_term
+            extra_term = extra_loss(it) if extra_loss is not None else None
+            if extra_term is not None:
+                loss = loss + extra_term
+        loss.backward()
+        return rec, loss
+
+    def draw_batches() -> List[Tuple[Tensor, Tensor]]:
+        """The step's k (mixed input, target) batches."""
+        batches = []
+        for _ in range(k):
+            x_fp, x_q, target = cache.sample(stage.batch_size, device)
+            batches.append((mix_inputs(x_fp, x_q, keep), target))
+        return batches
+
+    def step_gradients(fwd: Callable[[Tensor], Tensor], batches: List[Tuple[Tensor, Tensor]], it: int):
+        """Fresh gradients of one optimiser step; returns (last batch's MSE, the step's loss)."""
         for opt in (w_opt, a_opt):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-        loss.backward()
-        return rec, loss
+        total = None
+        for micro, (x, target) in enumerate(batches):
+            rec, loss = loss_and_backward(fwd, x, target, it, micro == 0)
+            total = loss.detach() if total is None else total + loss.detach()
+        return rec, total
 
     try:
         with quant_state(unit, weight=True, act=stage.act_quant, drop_prob=keep), torch.enable_grad():
             for it in range(stage.iters):
-                x_fp, x_q, target = cache.sample(stage.batch_size, device)
-                x = mix_inputs(x_fp, x_q, keep)
+                batches = draw_batches()
                 try:
-                    rec, loss = loss_and_backward(forward, x, target, it)
+                    rec, loss = step_gradients(forward, batches, it)
                 except Exception as err:  # noqa: BLE001  a compiled graph failed: the eager unit is always right
                     if forward is unit:
                         raise
@@ -155,7 +176,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
                                   f'({type(err).__name__}: {str(err).splitlines()[0][:200]}); '
                                   f'reconstructing it eagerly from here')
                     forward = unit
-                    rec, loss = loss_and_backward(forward, x, target, it)
+                    rec, loss = step_gradients(forward, batches, it)
                 _average_gradients(w_params + a_params)
                 if w_opt:
                     w_opt.step()

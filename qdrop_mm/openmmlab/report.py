@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
+from mmengine.dist import get_world_size
+
 from qdrop_mm.core import PTQResult, Unit
 from qdrop_mm.core.bit_budget import act_bit_counts, average_bits, merge_counts, weight_bit_counts
 from qdrop_mm.core.quant_state import act_quantizers, weight_quantizers
@@ -40,9 +42,11 @@ def build_report(settings: PTQSettings, units: Sequence[Unit], result: Optional[
                      'rel_error_before': r.rel_error_before, 'rel_error_after': r.rel_error_after,
                      'stopped_early': r.stopped_early, 'seconds': round(r.seconds, 3), 'cache_mb': round(rec.cache_bytes / 2 ** 20, 3),
                      'curve': r.curve})
+    method = result.method if result else settings.build_method().to_dict()
     report = {
         'settings': settings.to_dict(),
-        'method': result.method if result else settings.build_method().to_dict(),
+        'method': method,
+        'schedule': schedule_summary(method),
         'metrics': plain_metrics(metrics),
         'units': rows,
         'plan': [{'name': u.name, 'kind': u.kind, **unit_bits(u),
@@ -54,6 +58,18 @@ def build_report(settings: PTQSettings, units: Sequence[Unit], result: Optional[
     if extra:
         report.update(extra)
     return report
+
+
+def schedule_summary(method: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Per stage: schedule name, the learning rates it resolved to, and the effective batch.
+
+    Effective batch = batch × accum_steps × world size (every rank averages its gradients each step).
+    """
+    world = get_world_size()
+    return [{'schedule': st['schedule'], 'iters': st['iters'], 'w_lr': st['effective_w_lr'],
+             'a_lr': st['effective_a_lr'], 'batch_size': st['batch_size'], 'accum_steps': st['accum_steps'],
+             'world_size': world, 'effective_batch': st['batch_size'] * st['accum_steps'] * world}
+            for st in method['stages']]
 
 
 def _plain(v: Any) -> Any:
@@ -96,6 +112,10 @@ def format_summary(report: Dict[str, Any], max_rows: int = SUMMARY_MAX_ROWS) -> 
     lines = [f"qdrop_mm PTQ: method={s['method']} W{s['w_bits']}A{s['a_bits']} "
              f"(first layer {s['first_layer_bits'] or s['w_bits']}-bit), {s['num_images']} calibration images, "
              f"{s['iters']} iters/unit, {len(report['plan'])} units"]
+    for i, st in enumerate(report.get('schedule') or []):
+        lines.append(f"stage {i}: {st['schedule']} schedule, {st['iters']} it, w_lr {st['w_lr']:.3g}, "
+                     f"a_lr {st['a_lr']:.3g}, effective batch {st['effective_batch']} "
+                     f"({st['batch_size']} x {st['accum_steps']} accumulated x {st['world_size']} processes)")
     bits = report.get('bits') or {}
     if bits.get('avg_w_bits_weighted_by_num_weights') is not None:
         n_w = sum(bits['num_weights_per_bits'].values())

@@ -198,6 +198,10 @@ def _device_budget(value: Any) -> int:
 def _check_option_type(key: str, value: Any) -> None:
     """``ptq.method_options.<key>`` has the type of the StageConfig/PredictionConfig field it sets."""
     kind = OPTION_TYPES[key]
+    if kind == 'str':
+        if not isinstance(value, str):
+            raise PTQConfigError(f'ptq.method_options.{key} must be a string, got {value!r}')
+        return
     if kind == 'bool':
         if not isinstance(value, bool):
             raise PTQConfigError(f'ptq.method_options.{key} must be True or False, got {value!r}')

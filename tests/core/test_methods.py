@@ -31,3 +31,29 @@ def test_method_validation(kwargs, match):
 def test_stage_needs_something_to_learn():
     with pytest.raises(ValueError, match='must learn'):
         StageConfig(learn_rounding=False, learn_act_steps=False)
+
+
+def test_budget_schedule_scales_learning_rates_with_the_iterations():
+    import math
+    from qdrop_mm.core.methods import budget_lr_factor
+    assert budget_lr_factor(20000) == 1.0 and budget_lr_factor(50000) == 1.0
+    assert math.isclose(budget_lr_factor(2000), math.sqrt(10))
+    assert math.isclose(budget_lr_factor(500), math.sqrt(40))
+    (paper,) = build_method('qdrop', iters=500).stages
+    assert (paper.schedule, paper.effective_w_lr, paper.effective_a_lr) == ('paper', 1e-3, 4e-5)
+    (budget,) = build_method('qdrop', iters=500, schedule='budget').stages
+    assert math.isclose(budget.effective_w_lr, 1e-3 * math.sqrt(40))
+    assert math.isclose(budget.effective_a_lr, 4e-5 * math.sqrt(40))
+    (full,) = build_method('qdrop', iters=20000, schedule='budget').stages
+    assert (full.effective_w_lr, full.effective_a_lr) == (1e-3, 4e-5)
+    stages = build_method('brecq', iters=500, act_iters=125, schedule='budget').to_dict()['stages']
+    assert math.isclose(stages[1]['effective_a_lr'], 4e-4 * math.sqrt(160))
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(accum_steps=0), 'accum_steps'), (dict(accum_steps=1.5), 'accum_steps'),
+    (dict(schedule='cosine'), 'schedule must be one of'),
+])
+def test_schedule_and_accumulation_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_method('qdrop', **kwargs)

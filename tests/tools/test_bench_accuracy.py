@@ -4,9 +4,12 @@ import json
 from tools.bench_accuracy import load_results, main, merge_results, table
 
 
-def _run(method: str, w: int, a: int, m_ap: float, iters: int = 300, options=()) -> dict:
-    return {'model': 'm', 'method': method, 'w_bits': w, 'a_bits': a, 'iters': iters, 'num_images': 32,
-            'options': list(options), 'metrics': {'coco/bbox_mAP': m_ap}, 'seconds': 1.0}
+def _run(method: str, w: int, a: int, m_ap: float, iters: int = 300, options=(), seed=None) -> dict:
+    run = {'model': 'm', 'method': method, 'w_bits': w, 'a_bits': a, 'iters': iters, 'num_images': 32,
+           'options': list(options), 'metrics': {'coco/bbox_mAP': m_ap}, 'seconds': 1.0}
+    if seed is not None:
+        run['seed'] = seed
+    return run
 
 
 def test_merge_adds_only_missing_runs_and_keeps_commands():
@@ -48,7 +51,7 @@ def test_markdown_table_matches_text_rows():
         {**_run('rtn', 4, 4, 0.0), 'metrics': {'mIoU': 41.25}, 'seconds': 12.4},
         {**_run('qdrop', 2, 4, 0.0), 'metrics': {'mIoU': 30.0}}]}}}
     md = markdown(res, ['rtn', 'qdrop'], [(4, 4), (2, 4)]).strip().splitlines()
-    assert md[0] == '**seg** (mIoU, FP 42.50)'
+    assert md[0] == '**seg** (mIoU, FP 42.50; seeds per cell: 1)'
     assert md[2].startswith('| method | W4A4 | W2A4 |')
     assert md[4] == '| rtn | 41.25 | - | 12 |'
     assert md[5].endswith(' | 1 |')
@@ -71,3 +74,38 @@ def test_runs_of_another_fp_model_are_refused():
     with pytest.raises(SystemExit, match='another FP model'):
         merge_results(a, b)
     assert len(a['models']['m']['runs']) == 1
+
+
+def test_seeded_cells_report_mean_std_and_significant_wins():
+    from tools.bench_accuracy import cell, markdown, significant_pairs
+    runs = [_run('rtn', 4, 4, v, seed=s) for s, v in enumerate([0.50, 0.51, 0.52])]
+    runs += [_run('qdrop', 4, 4, v, seed=s) for s, v in enumerate([0.54, 0.55, 0.56])]
+    runs += [_run('brecq', 4, 4, v, seed=s) for s, v in enumerate([0.50, 0.53, 0.56])]
+    runs.append(_run('qdrop', 4, 4, 0.9))  # legacy run without a seed key counts as seed 0 ...
+    runs.append(_run('qdrop', 4, 4, 0.54, seed=0))  # ... and the later run of a seed replaces it
+    res = {'models': {'m': {'fp': {'coco/bbox_mAP': 0.6}, 'runs': runs}}}
+    c = cell(res['models']['m'], 'qdrop, 300 it', (4, 4), 'coco/bbox_mAP')
+    assert c.values == [0.54, 0.55, 0.56]
+    assert abs(c.mean - 0.55) < 1e-12 and abs(c.std - 0.01) < 1e-12
+    pairs = significant_pairs(res['models']['m'], ['rtn', 'qdrop', 'brecq'], [(4, 4)], 'coco/bbox_mAP')
+    # qdrop - rtn = 0.04 > 0.01 + 0.01; brecq (std 0.03) is within the spread of both
+    assert [(a, b) for _, a, b, _ in pairs] == [('qdrop, 300 it', 'rtn')]
+    lines = table(res, ['rtn', 'qdrop', 'brecq'], [(4, 4)]).strip().splitlines()
+    assert 'seeds per cell: 3' in lines[0]
+    rows = {ln[:34].strip(): ln[34:].split() for ln in lines[2:5]}
+    assert rows == {'rtn': ['0.510±0.010'], 'qdrop, 300 it': ['0.550±0.010*'], 'brecq, 300 it': ['0.530±0.030']}
+    assert 'W4A4: qdrop, 300 it > rtn by 0.040' in lines[5]
+    md = markdown(res, ['rtn', 'qdrop'], [(4, 4)]).strip().splitlines()
+    assert md[5].startswith('| qdrop, 300 it | 0.550±0.010* |')
+
+
+def test_one_seed_never_counts_as_a_win():
+    from tools.bench_accuracy import significant_pairs
+    res = {'fp': {}, 'runs': [_run('rtn', 4, 4, 0.1, seed=0), _run('qdrop', 4, 4, 0.9, seed=0)]}
+    assert significant_pairs(res, ['rtn', 'qdrop'], [(4, 4)], 'coco/bbox_mAP') == []
+
+
+def test_seeds_are_part_of_the_reuse_key():
+    from tools.bench_accuracy import run_key
+    assert run_key(_run('rtn', 4, 4, 0.1)) == run_key(_run('rtn', 4, 4, 0.2, seed=0))
+    assert run_key(_run('rtn', 4, 4, 0.1, seed=1)) != run_key(_run('rtn', 4, 4, 0.1, seed=0))
