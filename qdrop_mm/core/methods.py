@@ -46,10 +46,15 @@ class StageConfig:
     ``torch.compile`` (fused elementwise kernels; pays on a GPU, falls back to
     eager with a warning if compilation fails).
 
+    ``learn_bias``: also learn the (BN-folded) FP biases of the unit's layers
+    (Adam at ``b_lr``, cosine-annealed), which corrects the mean shift that
+    low-bit activation and weight grids put on a unit's output (bias
+    correction learned on the reconstruction loss, as AdaQuant does).
+
     ``accum_steps`` = k: each optimiser step averages the gradients of k batches
     of ``batch_size`` (the authors' 8 processes × batch 2 on one device: k = 8).
-    ``schedule``: ``'paper'`` uses ``w_lr`` and ``a_lr`` as given (the authors'
-    20 000-iteration values); ``'budget'`` scales both by
+    ``schedule``: ``'paper'`` uses ``w_lr``, ``a_lr`` and ``b_lr`` as given (the
+    authors' 20 000-iteration values); ``'budget'`` scales them by
     :meth:`lr_factor` so that rounding variables and activation steps can move as
     far in a short budget as in the paper's (see :func:`budget_lr_factor`).
     """
@@ -73,6 +78,8 @@ class StageConfig:
     compile: bool = False
     accum_steps: int = 1
     schedule: str = 'paper'
+    learn_bias: bool = False
+    b_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         _check_positive_int('iters', self.iters)
@@ -88,11 +95,11 @@ class StageConfig:
         if isinstance(self.early_stop_patience, bool) or not isinstance(self.early_stop_patience, int) \
                 or self.early_stop_patience < 0:
             raise ValueError(f'early_stop_patience must be an integer >= 0 (0 = off), got {self.early_stop_patience!r}')
-        if not (self.learn_rounding or self.learn_act_steps):
-            raise ValueError('a stage must learn rounding, activation steps, or both')
+        if not (self.learn_rounding or self.learn_act_steps or self.learn_bias):
+            raise ValueError('a stage must learn rounding, activation steps or biases')
         if self.learn_act_steps and not self.act_quant:
             raise ValueError('learn_act_steps needs act_quant=True')
-        for name in ('w_lr', 'a_lr', 'round_weight'):
+        for name in ('w_lr', 'a_lr', 'b_lr', 'round_weight'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
 
@@ -107,6 +114,10 @@ class StageConfig:
     @property
     def effective_a_lr(self) -> float:
         return self.a_lr * self.lr_factor()
+
+    @property
+    def effective_b_lr(self) -> float:
+        return self.b_lr * self.lr_factor()
 
 
 def budget_lr_factor(iters: int) -> float:
@@ -200,8 +211,8 @@ class MethodConfig:
     prediction: Optional[PredictionConfig] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        stages = [{**asdict(s), 'effective_w_lr': s.effective_w_lr, 'effective_a_lr': s.effective_a_lr}
-                  for s in self.stages]
+        stages = [{**asdict(s), 'effective_w_lr': s.effective_w_lr, 'effective_a_lr': s.effective_a_lr,
+                   'effective_b_lr': s.effective_b_lr} for s in self.stages]
         return {'name': self.name, 'stages': stages,
                 'compensation': asdict(self.compensation) if self.compensation else None,
                 'prediction': asdict(self.prediction) if self.prediction else None}

@@ -113,10 +113,15 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         for q in aqs:
             q.scale.requires_grad_(True)
             a_params.append(q.scale)
-    if not (w_params or a_params):  # e.g. BRECQ's activation stage on a unit without activation quantizers
+    b_params = _layer_biases(unit) if stage.learn_bias else []
+    if not (w_params or a_params or b_params):  # e.g. BRECQ's activation stage on a unit without act quantizers
         return ReconResult(loss_before, loss_before, 0, 0.0, [], rel_before, rel_before)
+    for b in b_params:
+        b.requires_grad_(True)
     w_opt = torch.optim.Adam(w_params, lr=stage.effective_w_lr) if w_params else None
-    a_opt = torch.optim.Adam(a_params, lr=stage.effective_a_lr) if a_params else None
+    annealed = [{'params': params, 'lr': lr} for params, lr in
+                ((a_params, stage.effective_a_lr), (b_params, stage.effective_b_lr)) if params]
+    a_opt = torch.optim.Adam(annealed) if annealed else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=stage.iters, eta_min=0.0) if a_opt else None
     reg = RoundingRegularizer(stage.iters, stage.round_weight, stage.warmup, stage.b_start, stage.b_end)
     stopper = EarlyStopper(stage.early_stop_patience, stage.early_stop_rel_tol) if stage.early_stop_patience else None
@@ -177,7 +182,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
                                   f'reconstructing it eagerly from here')
                     forward = unit
                     rec, loss = step_gradients(forward, batches, it)
-                _average_gradients(w_params + a_params)
+                _average_gradients(w_params + a_params + b_params)
                 if w_opt:
                     w_opt.step()
                 if a_opt:
@@ -201,6 +206,8 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
     finally:
         for q in aqs:
             q.scale.requires_grad_(False)
+        for b in b_params:
+            b.requires_grad_(False)
     if stage.learn_rounding:
         for q in wqs:
             q.set_mode('hard')
@@ -277,6 +284,12 @@ def _average_gradients(params: List[Tensor]) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def _layer_biases(unit: nn.Module) -> List[Tensor]:
+    """The FP bias of each quantized layer in unit (a buffer the optimiser updates in place)."""
+    return [m.bias for m in unit.modules() if getattr(m, 'weight_quantizer', None) is not None
+            and isinstance(getattr(m, 'bias', None), Tensor)]
 
 
 def _quantizers_with_weights(unit: nn.Module):

@@ -216,3 +216,26 @@ def test_gradient_accumulation_equals_one_large_batch():
     layer.load_state_dict(state)
     reconstruct_unit(layer, _SequentialCache(xs, targets, 2), replace(stage, batch_size=2))
     assert not torch.allclose(layer.state_dict()['weight_quantizer.alpha'], big_state['weight_quantizer.alpha'])
+
+
+def test_learned_bias_corrects_a_mean_shift_and_is_kept_in_the_state_dict():
+    from dataclasses import replace
+    from qdrop_mm.core import QuantLayer
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(16, 8)
+    xs = [torch.randn(4, 16) for _ in range(6)]
+    with torch.no_grad():
+        targets = [fc(x) + 0.3 for x in xs]  # every output channel shifted by 0.3
+    cache = UnitCache.from_tensors(xs, xs, targets)
+    stage = build_method('adaround', iters=200, batch_size=4).stages[0]
+    results, biases = {}, {}
+    for learn in (False, True):
+        layer = QuantLayer(fc, 4)
+        torch.manual_seed(0)
+        results[learn] = reconstruct_unit(layer, cache, replace(stage, learn_bias=learn, b_lr=1e-2))
+        biases[learn] = layer.state_dict()['bias']
+        assert not layer.bias.requires_grad
+    assert torch.equal(biases[False], fc.bias.detach())
+    shift = (biases[True] - fc.bias.detach()).mean().item()
+    assert 0.2 < shift < 0.4  # the shift went into the bias
+    assert results[True].loss_after < 0.1 * results[False].loss_after
