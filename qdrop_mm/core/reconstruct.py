@@ -46,6 +46,7 @@ class ReconResult:
     rel_error_after: Optional[float] = None
     stopped_early: bool = False
     extra: Dict[str, float] = field(default_factory=dict)
+    movement: Dict[str, float] = field(default_factory=dict)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -113,6 +114,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         for q in aqs:
             q.scale.requires_grad_(True)
             a_params.append(q.scale)
+    steps_before = [q.scale.detach().clone() for q in aqs]
     b_params = _layer_biases(unit) if stage.learn_bias else []
     if not (w_params or a_params or b_params):  # e.g. BRECQ's activation stage on a unit without act quantizers
         return ReconResult(loss_before, loss_before, 0, 0.0, [], rel_before, rel_before)
@@ -213,7 +215,30 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
             q.set_mode('hard')
     seconds = time.perf_counter() - start
     loss_after, rel_after = (_mean_across_ranks(v) for v in unit_errors(unit, cache, device, stage.act_quant))
-    return ReconResult(loss_before, loss_after, iters_run, seconds, curve, rel_before, rel_after, stopped)
+    movement = {}
+    if stage.learn_rounding:
+        movement['rounding_changed'] = rounding_changed_fraction(unit)
+    if stage.learn_act_steps and aqs:
+        movement['act_step_rel_change'] = sum(
+            ((q.scale.detach() - s0).abs() / s0.abs().clamp_min(1e-12)).item() for q, s0 in zip(aqs, steps_before)
+        ) / len(aqs)
+    return ReconResult(loss_before, loss_after, iters_run, seconds, curve, rel_before, rel_after, stopped,
+                       movement=movement)
+
+
+@torch.no_grad()
+def rounding_changed_fraction(unit: nn.Module) -> float:
+    """Share of the unit's weights whose learned (hard) rounding differs from rounding to nearest."""
+    changed = total = 0
+    for q, w in _quantizers_with_weights(unit):
+        if q.mode == 'nearest':
+            continue
+        scale, zp = q._qparams(w)
+        x = w / scale
+        learned = torch.clamp(torch.floor(x) + (q.alpha >= 0).to(x.dtype) + zp, 0, q.qmax)
+        changed += (learned != torch.clamp(torch.round(x) + zp, 0, q.qmax)).sum().item()
+        total += w.numel()
+    return changed / max(total, 1)
 
 
 class EarlyStopper:

@@ -40,7 +40,7 @@ def build_report(settings: PTQSettings, units: Sequence[Unit], result: Optional[
         rows.append({'name': rec.name, 'kind': rec.kind, 'stage': rec.stage, **unit_bits(by_name[rec.name]),
                      'iters': r.iters, 'loss_before': r.loss_before, 'loss_after': r.loss_after,
                      'rel_error_before': r.rel_error_before, 'rel_error_after': r.rel_error_after,
-                     'stopped_early': r.stopped_early, 'seconds': round(r.seconds, 3), 'cache_mb': round(rec.cache_bytes / 2 ** 20, 3),
+                     'stopped_early': r.stopped_early, **r.movement, 'seconds': round(r.seconds, 3), 'cache_mb': round(rec.cache_bytes / 2 ** 20, 3),
                      'curve': r.curve})
     method = result.method if result else settings.build_method().to_dict()
     report = {

@@ -239,3 +239,15 @@ def test_learned_bias_corrects_a_mean_shift_and_is_kept_in_the_state_dict():
     shift = (biases[True] - fc.bias.detach()).mean().item()
     assert 0.2 < shift < 0.4  # the shift went into the bias
     assert results[True].loss_after < 0.1 * results[False].loss_after
+
+
+def test_movement_reports_rounding_changes_and_step_moves():
+    unit, cache, stage = _toy_unit_cache('qdrop', iters=60, log_interval=10)
+    res = reconstruct_unit(unit, cache, stage)
+    from qdrop_mm.core.reconstruct import rounding_changed_fraction
+    assert res.movement['rounding_changed'] == rounding_changed_fraction(unit)
+    assert 0.0 < res.movement['rounding_changed'] < 0.5
+    assert res.movement['act_step_rel_change'] > 0.0
+    for q in weight_quantizers(unit):
+        q.set_mode('nearest')
+    assert rounding_changed_fraction(unit) == 0.0
