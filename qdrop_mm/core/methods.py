@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 PAPER_ITERS = 20000
 SCHEDULES = ('paper', 'budget')
+ACT_CALIBRATIONS = ('fp', 'quantized')
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -203,19 +204,31 @@ PREDICTION_OPTIONS = frozenset(PredictionConfig.__dataclass_fields__)
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Reconstruction stages (optionally with PD-Quant's prediction term), then optionally QwT compensation."""
+    """Reconstruction stages (optionally with PD-Quant's prediction term), then optionally QwT compensation.
+
+    ``act_calibration``: where activation ranges are initialised: ``'fp'`` on the FP network's
+    activations in one pass (the authors' QDrop code), ``'quantized'`` unit by unit in network order
+    with every earlier unit already quantized (weights and activations), so each range sees the
+    inputs it will get (the authors' older BRECQ-era code).
+    """
 
     name: str
     stages: Tuple[StageConfig, ...] = field(default_factory=tuple)
     compensation: Optional[CompensationConfig] = None
     prediction: Optional[PredictionConfig] = None
+    act_calibration: str = 'fp'
+
+    def __post_init__(self) -> None:
+        if self.act_calibration not in ACT_CALIBRATIONS:
+            raise ValueError(f'act_calibration must be one of {ACT_CALIBRATIONS}, got {self.act_calibration!r}')
 
     def to_dict(self) -> Dict[str, Any]:
         stages = [{**asdict(s), 'effective_w_lr': s.effective_w_lr, 'effective_a_lr': s.effective_a_lr,
                    'effective_b_lr': s.effective_b_lr} for s in self.stages]
         return {'name': self.name, 'stages': stages,
                 'compensation': asdict(self.compensation) if self.compensation else None,
-                'prediction': asdict(self.prediction) if self.prediction else None}
+                'prediction': asdict(self.prediction) if self.prediction else None,
+                'act_calibration': self.act_calibration}
 
 
 @dataclass(frozen=True)
@@ -290,7 +303,7 @@ def pdquant(opts: MethodOptions) -> MethodConfig:
 
 
 def build_method(name: str, iters: int = PAPER_ITERS, drop_prob: float = 0.5, act_iters: int = 5000,
-                 act_lr_stage2: float = 4e-4, **stage: Any) -> MethodConfig:
+                 act_lr_stage2: float = 4e-4, act_calibration: str = 'fp', **stage: Any) -> MethodConfig:
     """Method config by registered name; ``stage`` keywords override StageConfig defaults."""
     if name not in METHODS:
         raise ValueError(f'unknown method {name!r}; choose one of {sorted(METHODS)}')
@@ -299,7 +312,8 @@ def build_method(name: str, iters: int = PAPER_ITERS, drop_prob: float = 0.5, ac
         raise ValueError(f'unknown method option(s) {sorted(unknown)}; allowed: iters, drop_prob, act_iters, '
                          f'act_lr_stage2, {sorted(TUNABLE_STAGE_OPTIONS)}, {sorted(PREDICTION_OPTIONS)}')
     prediction = {k: stage.pop(k) for k in sorted(set(stage) & PREDICTION_OPTIONS)}
-    method = METHODS[name](MethodOptions(iters, drop_prob, act_iters, act_lr_stage2, dict(stage), prediction))
+    method = replace(METHODS[name](MethodOptions(iters, drop_prob, act_iters, act_lr_stage2, dict(stage), prediction)),
+                     act_calibration=act_calibration)
     if prediction and method.prediction is None:
         raise ValueError(f'{next(iter(prediction))} only applies to methods with a prediction term '
                          f'(pdquant), not {name!r}')

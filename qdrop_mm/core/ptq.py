@@ -16,6 +16,7 @@ from .capture import ForwardFn, capture_inputs
 from .methods import MethodConfig, StageConfig
 from .prediction_loss import InputCorrection, PredictionSource, PredictionTerm
 from .qwt import fit_compensation, wrap_units
+from .lsq import LSQActQuantizer
 from .quant_state import act_quantizers, quant_state
 from .reconstruct import ReconResult, reconstruct_unit
 from .unit_cache import CachePolicy, UnitCache
@@ -74,15 +75,29 @@ class PTQCallbacks:
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn) -> int:
-    """Initialise every activation quantizer from FP activations; returns how many."""
-    aqs = [q for q in act_quantizers(model) if not q.is_calibrated]
+def calibrate_activations(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
+                          units: Optional[Sequence['Unit']] = None) -> int:
+    """Initialise every activation quantizer; returns how many.
+
+    Without ``units``: from FP activations, all in one pass. With ``units`` (quantized-path
+    calibration): one pass per unit, in order, observing that unit's quantizers while every earlier
+    unit runs quantized (quantizers not yet calibrated pass their input through).
+    """
+    if units is None:
+        return _observe(model, [q for q in act_quantizers(model) if not q.is_calibrated], batches, forward_fn,
+                        quantized=False)
+    return sum(_observe(model, [q for q in act_quantizers(u.module) if not q.is_calibrated], batches, forward_fn,
+                        quantized=True) for u in units)
+
+
+def _observe(model: nn.Module, aqs: List[LSQActQuantizer], batches: Sequence[Any], forward_fn: ForwardFn,
+             quantized: bool) -> int:
     if not aqs:  # all restored (resume) or already calibrated: no forward pass needed
         return 0
     for q in aqs:
         q.start_observing()
     try:
-        with quant_state(model, weight=False, act=False):
+        with quant_state(model, weight=quantized, act=quantized, drop_prob=1.0 if quantized else None):
             for batch in batches:
                 forward_fn(model, batch)
     finally:
@@ -138,7 +153,7 @@ def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], for
         for unit, wrapper in zip(units, wrap_units(model, [u.module for u in units], method.compensation.placement)):
             unit.module = wrapper
     cb.before_calibration(len(act_quantizers(model)))
-    calibrate_activations(model, batches, forward_fn)
+    calibrate_activations(model, batches, forward_fn, units if method.act_calibration == 'quantized' else None)
     cb.after_calibration()
     pd_term = None
     if method.prediction is not None:

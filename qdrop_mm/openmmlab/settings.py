@@ -66,6 +66,7 @@ class PTQSettings:
     calib_num_workers: int = 2
     w_observer: str = 'mse'
     a_observer: str = 'mse'
+    act_calibration: str = 'fp'
     cache: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -127,10 +128,12 @@ class PTQSettings:
     def build_method(self) -> MethodConfig:
         try:
             return build_method(self.method, iters=self.iters, drop_prob=self.drop_prob,
-                                act_iters=self.act_iters, batch_size=self.batch_size, **self.method_options)
+                                act_iters=self.act_iters, batch_size=self.batch_size,
+                                act_calibration=self.act_calibration, **self.method_options)
         except ValueError as err:
             name = str(err).split(' ', 1)[0]
-            prefix = 'ptq.method_options.' if name in self.method_options else 'ptq: '
+            prefix = 'ptq.method_options.' if name in self.method_options else \
+                'ptq.' if name == 'act_calibration' else 'ptq: '
             raise PTQConfigError(f'{prefix}{err}') from None
 
     def bits_for(self, path: str, first_layer: bool) -> Tuple[int, int]:

@@ -251,3 +251,24 @@ def test_movement_reports_rounding_changes_and_step_moves():
     for q in weight_quantizers(unit):
         q.set_mode('nearest')
     assert rounding_changed_fraction(unit) == 0.0
+
+
+def test_quantized_path_calibration_observes_each_unit_behind_quantized_units(toy):
+    net, batches = toy
+    fp_net, q_net = copy.deepcopy(net), copy.deepcopy(net)
+    fp_units, q_units = quantize_toy_net(fp_net, w_bits=2, a_bits=3), quantize_toy_net(q_net, w_bits=2, a_bits=3)
+    n = calibrate_activations(fp_net, batches, toy_forward)
+    assert calibrate_activations(q_net, batches, toy_forward, q_units) == n > 2
+    fp_scales = [q.scale.item() for q in act_quantizers(fp_net)]
+    q_scales = [q.scale.item() for q in act_quantizers(q_net)]
+    # every range now sees quantized weights (and, after the first unit, quantized inputs): all move
+    assert all(a != b for a, b in zip(q_scales, fp_scales))
+    # the FP pass again gives the FP ranges: the difference is the path, not noise
+    again = copy.deepcopy(net)
+    quantize_toy_net(again, w_bits=2, a_bits=3)
+    calibrate_activations(again, batches, toy_forward)
+    assert [q.scale.item() for q in act_quantizers(again)] == fp_scales
+    # and the method config carries the choice to run_ptq
+    assert build_method('qdrop', act_calibration='quantized').act_calibration == 'quantized'
+    with pytest.raises(ValueError, match='act_calibration must be one of'):
+        build_method('qdrop', act_calibration='q')
