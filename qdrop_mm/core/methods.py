@@ -12,7 +12,6 @@ distribution correction (``MethodConfig.prediction``, ``core/prediction_loss.py`
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -121,15 +120,20 @@ class StageConfig:
         return self.b_lr * self.lr_factor()
 
 
+MAX_BUDGET_LR_FACTOR = 100.0
+
+
 def budget_lr_factor(iters: int) -> float:
-    """sqrt(PAPER_ITERS / iters), at least 1: the ``'budget'`` schedule's learning-rate multiplier.
+    """PAPER_ITERS / iters, between 1 and MAX_BUDGET_LR_FACTOR: the ``'budget'`` schedule's lr multiplier.
 
     Adam moves a parameter by about lr per step, so at the paper's lr a 300-iteration run can move a
     rounding variable by at most 0.3 (only weights whose fractional part is near 0.5 can change
-    rounding) and an activation step by < 0.01. The square root keeps per-step noise bounded
-    (a linear factor makes 300 iterations 67× noisier per step) while the reachable distance grows.
+    rounding) and an activation step by < 0.01. Scaling lr by PAPER_ITERS / iters keeps the reachable
+    distance (lr × iterations) of the paper's schedule. Measured on the seeded toy network (W4A4,
+    held-out MSE, 3 seeds): at 300 and 1 000 iterations this beat both the paper's lr and a
+    square-root factor on every seed (README "The budget").
     """
-    return max(1.0, math.sqrt(PAPER_ITERS / iters))
+    return min(MAX_BUDGET_LR_FACTOR, max(1.0, PAPER_ITERS / iters))
 
 
 COMPENSATION_PLACEMENTS = ('before_quantizer', 'after_quantizer')

@@ -37,17 +37,18 @@ def test_budget_schedule_scales_learning_rates_with_the_iterations():
     import math
     from qdrop_mm.core.methods import budget_lr_factor
     assert budget_lr_factor(20000) == 1.0 and budget_lr_factor(50000) == 1.0
-    assert math.isclose(budget_lr_factor(2000), math.sqrt(10))
-    assert math.isclose(budget_lr_factor(500), math.sqrt(40))
+    assert math.isclose(budget_lr_factor(2000), 10.0) and math.isclose(budget_lr_factor(500), 40.0)
+    assert budget_lr_factor(100) == budget_lr_factor(10) == 100.0  # capped
     (paper,) = build_method('qdrop', iters=500).stages
-    assert (paper.schedule, paper.effective_w_lr, paper.effective_a_lr) == ('paper', 1e-3, 4e-5)
+    assert (paper.schedule, paper.effective_w_lr, paper.effective_a_lr, paper.effective_b_lr) == \
+        ('paper', 1e-3, 4e-5, 1e-3)
     (budget,) = build_method('qdrop', iters=500, schedule='budget').stages
-    assert math.isclose(budget.effective_w_lr, 1e-3 * math.sqrt(40))
-    assert math.isclose(budget.effective_a_lr, 4e-5 * math.sqrt(40))
+    assert math.isclose(budget.effective_w_lr, 4e-2) and math.isclose(budget.effective_a_lr, 1.6e-3)
+    assert math.isclose(budget.effective_b_lr, 4e-2)
     (full,) = build_method('qdrop', iters=20000, schedule='budget').stages
     assert (full.effective_w_lr, full.effective_a_lr) == (1e-3, 4e-5)
-    stages = build_method('brecq', iters=500, act_iters=125, schedule='budget').to_dict()['stages']
-    assert math.isclose(stages[1]['effective_a_lr'], 4e-4 * math.sqrt(160))
+    stages = build_method('brecq', iters=2000, act_iters=500, schedule='budget').to_dict()['stages']
+    assert math.isclose(stages[0]['effective_w_lr'], 1e-2) and math.isclose(stages[1]['effective_a_lr'], 4e-4 * 40)
 
 
 @pytest.mark.parametrize('kwargs,match', [
