@@ -17,7 +17,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .adaround import RoundingRegularizer
+from .lsq import clamp_steps
 from .methods import StageConfig
 from .quant_state import act_quantizers, quant_state, weight_quantizers
 from .unit_cache import UnitCache
@@ -113,8 +115,8 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
             a_params.append(q.scale)
     if not (w_params or a_params):  # e.g. BRECQ's activation stage on a unit without activation quantizers
         return ReconResult(loss_before, loss_before, 0, 0.0, [], rel_before, rel_before)
-    w_opt = torch.optim.Adam(w_params, lr=stage.w_lr) if w_params else None
-    a_opt = torch.optim.Adam(a_params, lr=stage.a_lr) if a_params else None
+    w_opt = torch.optim.Adam(w_params, lr=stage.w_lr, foreach=True) if w_params else None
+    a_opt = torch.optim.Adam(a_params, lr=stage.a_lr, foreach=True) if a_params else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=stage.iters, eta_min=0.0) if a_opt else None
     reg = RoundingRegularizer(stage.iters, stage.round_weight, stage.warmup, stage.b_start, stage.b_end)
     stopper = EarlyStopper(stage.early_stop_patience, stage.early_stop_rel_tol) if stage.early_stop_patience else None
@@ -126,8 +128,11 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
     if stage.compile:
         torch._dynamo.reset()  # graphs of earlier units are done with; each unit gets the full recompile budget
 
+    fast = all(q.fused for q in wqs + aqs)  # the unit's quantizers say which implementation runs
+    compile_kernels = all(q.compiled for q in wqs + aqs)
+
     def loss_and_backward(fwd: Callable[[Tensor], Tensor], x: Tensor, target: Tensor, it: int):
-        rec = output_mse(fwd(x), target)
+        rec = fused.output_mse(fwd(x), target, compile_kernels) if fast else output_mse(fwd(x), target)
         loss = rec
         round_term = reg(it, wqs) if w_opt is not None else None
         if round_term is not None:
@@ -145,7 +150,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         with quant_state(unit, weight=True, act=stage.act_quant, drop_prob=keep), torch.enable_grad():
             for it in range(stage.iters):
                 x_fp, x_q, target = cache.sample(stage.batch_size, device)
-                x = mix_inputs(x_fp, x_q, keep)
+                x = fused.mix_inputs(x_fp, x_q, keep, compile_kernels) if fast else mix_inputs(x_fp, x_q, keep)
                 try:
                     rec, loss = loss_and_backward(forward, x, target, it)
                 except Exception as err:  # noqa: BLE001  a compiled graph failed: the eager unit is always right
@@ -162,8 +167,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
                 if a_opt:
                     a_opt.step()
                     a_sched.step()
-                    for q in aqs:
-                        q.clamp_step()
+                    clamp_steps(aqs)
                 if (it + 1) % stage.log_interval == 0 or it == 0 or it + 1 == stage.iters:
                     value = rec.item()
                     if not torch.isfinite(loss).item():

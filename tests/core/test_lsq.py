@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from qdrop_mm.core.fused import draw_seed, keep_mask, keep_threshold
 from qdrop_mm.core.lsq import LSQActQuantizer
 
 
@@ -88,7 +89,8 @@ def test_fused_path_matches_reference_autograd(keep_prob):
     fused_x, fused_s = x.grad.clone(), q.scale.grad.clone()
     x.grad, q.scale.grad = None, None
     torch.manual_seed(7)
-    keep = torch.rand_like(x) < keep_prob if keep_prob < 1 else torch.ones_like(x, dtype=torch.bool)
+    keep = keep_mask(x, draw_seed(x.device), keep_threshold(keep_prob)) if keep_prob < 1 else \
+        torch.ones_like(x, dtype=torch.bool)
     ref = torch.where(keep, q.quantize(x), x)
     assert torch.equal(ref, y)
     (ref * gy).sum().backward()

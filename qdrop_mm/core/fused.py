@@ -1,0 +1,255 @@
+"""One-pass kernels for the reconstruction hot path: LSQ + drop, the input mix, soft rounding, the losses.
+
+Each kernel is a pure tensor function (no autograd) that ``torch.compile``
+turns into one loop over memory (inductor: C++ on CPU, Triton on GPU); the
+autograd functions below pair a forward kernel with a backward kernel, so
+autograd sees one node instead of a graph of temporaries. The drop mask is not
+stored: it is a counter-based hash of (element index, a seed drawn per call),
+recomputed in the backward pass, so no ``rand_like`` tensor is drawn or kept.
+
+A kernel runs eagerly (same function, same numbers up to float rounding)
+when its tensor is smaller than the kernel's ``min_numel`` (compile time would
+not pay), inside an enclosing ``torch.compile`` (which traces it), or when
+compiling it failed once (a warning says so and that kernel stays eager).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+MASK32 = 0xFFFFFFFF
+ZETA = 1.1
+GAMMA = -0.1
+
+
+class Kernel:
+    """A tensor function, compiled on first use for tensors of at least ``min_numel`` elements."""
+
+    def __init__(self, fn: Callable, min_numel: int) -> None:
+        self.fn = fn
+        self.min_numel = min_numel
+        self._compiled: Optional[Callable] = None
+        self.failed = False
+
+    def compiled(self) -> Callable:
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=None)
+        return self._compiled
+
+    def __call__(self, *args, compile: bool = True):
+        if not compile or self.failed or torch.compiler.is_compiling() or \
+                max(a.numel() for a in args if isinstance(a, Tensor)) < self.min_numel:
+            return self.fn(*args)
+        try:
+            return self.compiled()(*args)
+        except Exception as err:  # noqa: BLE001  the eager function computes the same thing
+            self.failed = True
+            warnings.warn(f'torch.compile of {self.fn.__name__} failed ({type(err).__name__}: '
+                          f'{str(err).splitlines()[0][:200] if str(err) else ""}); running it eagerly from here')
+            return self.fn(*args)
+
+
+def keep_threshold(keep_prob: float) -> int:
+    """Integer t with P(hash < t) = keep_prob for a uniform 32-bit hash."""
+    return min(int(round(keep_prob * 2 ** 32)), 2 ** 32)
+
+
+def draw_seed(device: torch.device) -> Tensor:
+    """A fresh 31-bit seed from torch's generator, as a 0-d tensor on ``device`` (no host sync)."""
+    return torch.randint(2 ** 31 - 1, (), device=device, dtype=torch.int64)
+
+
+def hash_u32(index: Tensor, seed: Tensor) -> Tensor:
+    """Counter-based hash of (index, seed) to 32 uniform bits, in int64 arithmetic that never overflows."""
+    h = ((index & MASK32) * 0x2C1B3C6D + seed) & MASK32
+    h = (((h >> 16) ^ h) * 0x45D9F3B) & MASK32
+    h = (((h >> 16) ^ h) * 0x45D9F3B) & MASK32
+    return (h >> 16) ^ h
+
+
+def keep_mask(like: Tensor, seed: Tensor, threshold: int) -> Tensor:
+    """Bernoulli(threshold / 2^32) mask of ``like``'s shape, element i decided by hash(i, seed)."""
+    index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+    return hash_u32(index, seed) < threshold
+
+
+def _lsq_forward(x: Tensor, scale: Tensor, zero_point: Tensor, seed: Tensor, qmax: int,
+                 threshold: Optional[int]) -> Tensor:
+    y = (torch.clamp(torch.round(x / scale) + zero_point, 0, qmax) - zero_point) * scale
+    if threshold is None:
+        return y
+    return torch.where(keep_mask(x, seed, threshold), y, x)
+
+
+def _lsq_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, seed: Tensor, qmax: int,
+                  threshold: Optional[int]) -> Tuple[Tensor, Tensor]:
+    x_s = x / scale
+    x_r = torch.round(x_s)
+    level = x_r + zero_point
+    inside = (level >= 0) & (level <= qmax)
+    d_scale = torch.where(inside, x_r - x_s, torch.clamp(level, 0, qmax) - zero_point)
+    if threshold is None:
+        return torch.where(inside, grad, 0.0), (grad * d_scale).sum()
+    keep = keep_mask(x, seed, threshold)
+    return torch.where(inside | ~keep, grad, 0.0), torch.where(keep, grad * d_scale, 0.0).sum()
+
+
+def _mix(x_fp: Tensor, x_q: Tensor, seed: Tensor, threshold: int) -> Tensor:
+    return torch.where(keep_mask(x_q, seed, threshold), x_q, x_fp)
+
+
+def _mse_forward(pred: Tensor, target: Tensor) -> Tensor:
+    return (pred - target).pow(2).sum() * (pred.shape[1] / pred.numel())
+
+
+def _mse_backward(grad: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+    return (pred - target) * (grad * (2.0 * pred.shape[1] / pred.numel()))
+
+
+def _rectified_sigmoid(alpha: Tensor) -> Tuple[Tensor, Tensor]:
+    """h(V) and dh/dV (zero where the clip is active, as autograd's clamp gives)."""
+    sig = torch.sigmoid(alpha)
+    raw = sig * (ZETA - GAMMA) + GAMMA
+    d_h = torch.where((raw >= 0) & (raw <= 1), sig * (1 - sig) * (ZETA - GAMMA), 0.0)
+    return torch.clamp(raw, 0, 1), d_h
+
+
+def _soft_round_forward(w: Tensor, alpha: Tensor, scale: Tensor, zero_point: Tensor, qmax: int) -> Tensor:
+    h, _ = _rectified_sigmoid(alpha)
+    return (torch.clamp(torch.floor(w / scale) + h + zero_point, 0, qmax) - zero_point) * scale
+
+
+def _soft_round_backward(grad: Tensor, w: Tensor, alpha: Tensor, scale: Tensor, zero_point: Tensor,
+                         qmax: int) -> Tensor:
+    h, d_h = _rectified_sigmoid(alpha)
+    level = torch.floor(w / scale) + h + zero_point
+    return torch.where((level >= 0) & (level <= qmax), grad * scale * d_h, 0.0)
+
+
+def _round_loss_forward(alpha: Tensor, beta: Tensor) -> Tensor:
+    h, _ = _rectified_sigmoid(alpha)
+    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+def _round_loss_backward(grad: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    h, d_h = _rectified_sigmoid(alpha)
+    u = 2 * h - 1
+    d_u = torch.where(u == 0, 0.0, beta * u.abs().pow(beta - 1) * torch.sign(u))
+    return -grad * 2 * d_u * d_h
+
+
+ACT_MIN_NUMEL = 1 << 16
+WEIGHT_MIN_NUMEL = 1 << 12
+lsq_forward = Kernel(_lsq_forward, ACT_MIN_NUMEL)
+lsq_backward = Kernel(_lsq_backward, ACT_MIN_NUMEL)
+mix = Kernel(_mix, ACT_MIN_NUMEL)
+mse_forward = Kernel(_mse_forward, ACT_MIN_NUMEL)
+mse_backward = Kernel(_mse_backward, ACT_MIN_NUMEL)
+soft_round_forward = Kernel(_soft_round_forward, WEIGHT_MIN_NUMEL)
+soft_round_backward = Kernel(_soft_round_backward, WEIGHT_MIN_NUMEL)
+round_loss_forward = Kernel(_round_loss_forward, WEIGHT_MIN_NUMEL)
+round_loss_backward = Kernel(_round_loss_backward, WEIGHT_MIN_NUMEL)
+
+
+class LSQDropFunction(torch.autograd.Function):
+    """LSQ fake quantization with the QDrop drop in one forward and one backward pass.
+
+    Forward: y = where(keep, s·(clamp(round(x/s) + z, 0, Q) − z), x), keep = hash(i, seed) < t
+    (``threshold`` None: no drop). Backward: straight-through for x inside the grid, identity where
+    dropped; LSQ gradient for s summed over kept elements, times ``grad_factor``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, seed: Tensor, qmax: int,
+                threshold: Optional[int], grad_factor: float, compile: bool) -> Tensor:
+        ctx.save_for_backward(x, scale, zero_point, seed)
+        ctx.qmax, ctx.threshold, ctx.grad_factor, ctx.compile = qmax, threshold, grad_factor, compile
+        return lsq_forward(x, scale, zero_point, seed, qmax, threshold, compile=compile)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, scale, zero_point, seed = ctx.saved_tensors
+        grad_x, grad_s = lsq_backward(grad.contiguous(), x, scale, zero_point, seed, ctx.qmax, ctx.threshold,
+                                      compile=ctx.compile)
+        grad_scale = (grad_s * ctx.grad_factor).reshape(scale.shape) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_scale, None, None, None, None, None, None
+
+
+def lsq_drop(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep_prob: float, grad_factor: float,
+             compile: bool = True) -> Tensor:
+    """LSQ fake quantization of x keeping quantization per element with probability ``keep_prob``."""
+    threshold = keep_threshold(keep_prob) if keep_prob < 1.0 else None
+    seed = draw_seed(x.device) if threshold is not None else x.new_zeros((), dtype=torch.int64)
+    return LSQDropFunction.apply(x.contiguous(), scale, zero_point, seed, qmax, threshold, grad_factor, compile)
+
+
+def mix_inputs(x_fp: Tensor, x_q: Tensor, keep_prob: float, compile: bool = True) -> Tensor:
+    """where(U < p, x_q, x_fp), U from the counter-based hash with a fresh seed (no gradient)."""
+    if keep_prob >= 1.0:
+        return x_q
+    if keep_prob <= 0.0:
+        return x_fp
+    return mix(x_fp.contiguous(), x_q.contiguous(), draw_seed(x_q.device), keep_threshold(keep_prob),
+               compile=compile)
+
+
+class OutputMSEFunction(torch.autograd.Function):
+    """Squared error summed over dim 1, averaged over the rest: one pass forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, target: Tensor, compile: bool) -> Tensor:
+        ctx.save_for_backward(pred, target)
+        ctx.compile = compile
+        return mse_forward(pred, target, compile=compile)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pred, target = ctx.saved_tensors
+        return mse_backward(grad, pred, target, compile=ctx.compile), None, None
+
+
+def output_mse(pred: Tensor, target: Tensor, compile: bool = True) -> Tensor:
+    return OutputMSEFunction.apply(pred.contiguous(), target.contiguous(), compile)
+
+
+class SoftRoundFunction(torch.autograd.Function):
+    """AdaRound's soft-rounded weight s·(clamp(floor(w/s) + h(V) + z, 0, Q) − z); gradient for V only."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, alpha: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, compile: bool) -> Tensor:
+        ctx.save_for_backward(w, alpha, scale, zero_point)
+        ctx.qmax, ctx.compile = qmax, compile
+        return soft_round_forward(w, alpha, scale, zero_point, qmax, compile=compile)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w, alpha, scale, zero_point = ctx.saved_tensors
+        grad_alpha = soft_round_backward(grad.contiguous(), w, alpha, scale, zero_point, ctx.qmax, compile=ctx.compile)
+        return None, grad_alpha, None, None, None, None
+
+
+def soft_round(w: Tensor, alpha: Tensor, scale: Tensor, zero_point: Tensor, qmax: int,
+               compile: bool = True) -> Tensor:
+    return SoftRoundFunction.apply(w.contiguous(), alpha, scale, zero_point, qmax, compile)
+
+
+class RoundLossFunction(torch.autograd.Function):
+    """Σ (1 − |2h(V) − 1|^β) in one pass, its gradient for V in one pass."""
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, beta: Tensor, compile: bool) -> Tensor:
+        ctx.save_for_backward(alpha, beta)
+        ctx.compile = compile
+        return round_loss_forward(alpha, beta, compile=compile)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        alpha, beta = ctx.saved_tensors
+        return round_loss_backward(grad, alpha, beta, compile=ctx.compile), None, None
+
+
+def round_loss(alpha: Tensor, beta: float, compile: bool = True) -> Tensor:
+    return RoundLossFunction.apply(alpha, torch.tensor(beta, dtype=alpha.dtype, device=alpha.device), compile)
