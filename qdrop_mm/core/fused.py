@@ -20,7 +20,6 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-MASK32 = 0xFFFFFFFF
 ZETA = 1.1
 GAMMA = -0.1
 
@@ -52,28 +51,37 @@ class Kernel:
             return self.fn(*args)
 
 
+MAX_NUMEL = 2 ** 31 - 1
+
+
 def keep_threshold(keep_prob: float) -> int:
-    """Integer t with P(hash < t) = keep_prob for a uniform 32-bit hash."""
-    return min(int(round(keep_prob * 2 ** 32)), 2 ** 32)
+    """Threshold t on the signed 32-bit hash with P(hash < t) = keep_prob (keep_prob < 1)."""
+    return min(int(round(keep_prob * 2 ** 32)) - 2 ** 31, 2 ** 31 - 1)
 
 
 def draw_seed(device: torch.device) -> Tensor:
-    """A fresh 31-bit seed from torch's generator, as a 0-d tensor on ``device`` (no host sync)."""
-    return torch.randint(2 ** 31 - 1, (), device=device, dtype=torch.int64)
+    """A fresh 31-bit seed from torch's generator, as a 0-d int32 tensor on ``device`` (no host sync)."""
+    return torch.randint(2 ** 31 - 1, (), device=device, dtype=torch.int32)
 
 
-def hash_u32(index: Tensor, seed: Tensor) -> Tensor:
-    """Counter-based hash of (index, seed) to 32 uniform bits, in int64 arithmetic that never overflows."""
-    h = ((index & MASK32) * 0x2C1B3C6D + seed) & MASK32
-    h = (((h >> 16) ^ h) * 0x45D9F3B) & MASK32
-    h = (((h >> 16) ^ h) * 0x45D9F3B) & MASK32
-    return (h >> 16) ^ h
+def hash_i32(index: Tensor, seed: Tensor) -> Tensor:
+    """Counter-based hash of (index, seed) to 32 uniform bits in int32 (multiplications wrap around).
+
+    Two multiply-xorshift rounds (the 0x45d9f3b integer hash); int32 lanes keep it about as cheap as
+    one more pass over memory.
+    """
+    h = index * 0x2C1B3C6D + seed
+    h = (((h >> 16) & 0xFFFF) ^ h) * 0x45D9F3B
+    h = (((h >> 16) & 0xFFFF) ^ h) * 0x45D9F3B
+    return ((h >> 16) & 0xFFFF) ^ h
 
 
 def keep_mask(like: Tensor, seed: Tensor, threshold: int) -> Tensor:
-    """Bernoulli(threshold / 2^32) mask of ``like``'s shape, element i decided by hash(i, seed)."""
-    index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
-    return hash_u32(index, seed) < threshold
+    """Bernoulli mask of ``like``'s shape, element i kept where hash(i, seed) < threshold."""
+    if like.numel() > MAX_NUMEL:
+        raise ValueError(f'the hashed drop mask indexes elements in int32; got {like.numel()} elements')
+    index = torch.arange(like.numel(), device=like.device, dtype=torch.int32).view(like.shape)
+    return hash_i32(index, seed) < threshold
 
 
 def _lsq_forward(x: Tensor, scale: Tensor, zero_point: Tensor, seed: Tensor, qmax: int,
@@ -182,7 +190,7 @@ def lsq_drop(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep_prob:
              compile: bool = True) -> Tensor:
     """LSQ fake quantization of x keeping quantization per element with probability ``keep_prob``."""
     threshold = keep_threshold(keep_prob) if keep_prob < 1.0 else None
-    seed = draw_seed(x.device) if threshold is not None else x.new_zeros((), dtype=torch.int64)
+    seed = draw_seed(x.device) if threshold is not None else x.new_zeros((), dtype=torch.int32)
     return LSQDropFunction.apply(x.contiguous(), scale, zero_point, seed, qmax, threshold, grad_factor, compile)
 
 
