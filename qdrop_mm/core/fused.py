@@ -84,25 +84,37 @@ def keep_mask(like: Tensor, seed: Tensor, threshold: int) -> Tensor:
     return hash_i32(index, seed) < threshold
 
 
+def _clip(x: Tensor, lo: Optional[float], hi: Optional[float]) -> Tensor:
+    return x if lo is None else torch.clamp(x, lo, hi)
+
+
 def _lsq_forward(x: Tensor, scale: Tensor, zero_point: Tensor, seed: Tensor, qmax: int,
-                 threshold: Optional[int]) -> Tensor:
-    y = (torch.clamp(torch.round(x / scale) + zero_point, 0, qmax) - zero_point) * scale
+                 threshold: Optional[int], lo: Optional[float], hi: Optional[float]) -> Tensor:
+    r = _clip(x, lo, hi)
+    y = (torch.clamp(torch.round(r / scale) + zero_point, 0, qmax) - zero_point) * scale
     if threshold is None:
         return y
-    return torch.where(keep_mask(x, seed, threshold), y, x)
+    return torch.where(keep_mask(x, seed, threshold), y, r)
 
 
 def _lsq_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, seed: Tensor, qmax: int,
-                  threshold: Optional[int]) -> Tuple[Tensor, Tensor]:
-    x_s = x / scale
-    x_r = torch.round(x_s)
-    level = x_r + zero_point
+                  threshold: Optional[int], lo: Optional[float], hi: Optional[float]) -> Tuple[Tensor, Tensor]:
+    r = _clip(x, lo, hi)
+    r_s = r / scale
+    r_r = torch.round(r_s)
+    level = r_r + zero_point
     inside = (level >= 0) & (level <= qmax)
-    d_scale = torch.where(inside, x_r - x_s, torch.clamp(level, 0, qmax) - zero_point)
+    d_scale = torch.where(inside, r_r - r_s, torch.clamp(level, 0, qmax) - zero_point)
     if threshold is None:
-        return torch.where(inside, grad, 0.0), (grad * d_scale).sum()
-    keep = keep_mask(x, seed, threshold)
-    return torch.where(inside | ~keep, grad, 0.0), torch.where(keep, grad * d_scale, 0.0).sum()
+        passes, grad_s = inside, (grad * d_scale).sum()
+    else:
+        keep = keep_mask(x, seed, threshold)
+        passes, grad_s = inside | ~keep, torch.where(keep, grad * d_scale, 0.0).sum()
+    if lo is not None:
+        passes = passes & (x > lo)
+        if hi is not None:
+            passes = passes & (x < hi)
+    return torch.where(passes, grad, 0.0), grad_s
 
 
 def _mix(x_fp: Tensor, x_q: Tensor, seed: Tensor, threshold: int) -> Tensor:
@@ -165,33 +177,46 @@ round_loss_backward = Kernel(_round_loss_backward, WEIGHT_MIN_NUMEL)
 class LSQDropFunction(torch.autograd.Function):
     """LSQ fake quantization with the QDrop drop in one forward and one backward pass.
 
-    Forward: y = where(keep, s·(clamp(round(x/s) + z, 0, Q) − z), x), keep = hash(i, seed) < t
-    (``threshold`` None: no drop). Backward: straight-through for x inside the grid, identity where
-    dropped; LSQ gradient for s summed over kept elements, times ``grad_factor``.
+    Forward: r = clamp(x, lo, hi) (an optional ReLU/ReLU6 folded in), y = where(keep,
+    s·(clamp(round(r/s) + z, 0, Q) − z), r), keep = hash(i, seed) < t (``threshold`` None: no drop).
+    Backward: straight-through for r inside the grid, identity where dropped, times the clip's
+    gradient; LSQ gradient for s summed over kept elements, times ``grad_factor``.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, seed: Tensor, qmax: int,
-                threshold: Optional[int], grad_factor: float, compile: bool) -> Tensor:
+                threshold: Optional[int], lo: Optional[float], hi: Optional[float], grad_factor: float,
+                compile: bool) -> Tensor:
         ctx.save_for_backward(x, scale, zero_point, seed)
-        ctx.qmax, ctx.threshold, ctx.grad_factor, ctx.compile = qmax, threshold, grad_factor, compile
-        return lsq_forward(x, scale, zero_point, seed, qmax, threshold, compile=compile)
+        ctx.args = (qmax, threshold, lo, hi)
+        ctx.grad_factor, ctx.compile = grad_factor, compile
+        return lsq_forward(x, scale, zero_point, seed, qmax, threshold, lo, hi, compile=compile)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, scale, zero_point, seed = ctx.saved_tensors
-        grad_x, grad_s = lsq_backward(grad.contiguous(), x, scale, zero_point, seed, ctx.qmax, ctx.threshold,
-                                      compile=ctx.compile)
+        grad_x, grad_s = lsq_backward(grad.contiguous(), x, scale, zero_point, seed, *ctx.args, compile=ctx.compile)
         grad_scale = (grad_s * ctx.grad_factor).reshape(scale.shape) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_scale, None, None, None, None, None, None
+        return grad_x, grad_scale, None, None, None, None, None, None, None, None
 
 
 def lsq_drop(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep_prob: float, grad_factor: float,
-             compile: bool = True) -> Tensor:
-    """LSQ fake quantization of x keeping quantization per element with probability ``keep_prob``."""
+             compile: bool = True, clip: Optional[Tuple[float, Optional[float]]] = None) -> Tensor:
+    """LSQ fake quantization of clamp(x, *clip), keeping quantization per element with probability ``keep_prob``."""
     threshold = keep_threshold(keep_prob) if keep_prob < 1.0 else None
     seed = draw_seed(x.device) if threshold is not None else x.new_zeros((), dtype=torch.int32)
-    return LSQDropFunction.apply(x.contiguous(), scale, zero_point, seed, qmax, threshold, grad_factor, compile)
+    lo, hi = clip if clip is not None else (None, None)
+    return LSQDropFunction.apply(x.contiguous(), scale, zero_point, seed, qmax, threshold, lo, hi, grad_factor,
+                                 compile)
+
+
+def activation_clip(activation: Optional[torch.nn.Module]) -> Optional[Tuple[float, Optional[float]]]:
+    """(lo, hi) of a ReLU or ReLU6 the LSQ kernel can fold in; None for anything else."""
+    if type(activation) is torch.nn.ReLU:
+        return 0.0, None
+    if type(activation) is torch.nn.ReLU6:
+        return 0.0, 6.0
+    return None
 
 
 def mix_inputs(x_fp: Tensor, x_q: Tensor, keep_prob: float, compile: bool = True) -> Tensor:

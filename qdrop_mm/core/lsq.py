@@ -14,7 +14,7 @@ the mask hashed from the element index and a per-call seed).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -99,18 +99,30 @@ class LSQActQuantizer(nn.Module):
             scale = grad_scale(scale, 1.0 / math.sqrt(x.numel() * self.qmax))
         return fake_quantize(x, scale, self.zero_point, self.qmax)
 
+    def quantizing(self) -> bool:
+        return self.enabled and self.is_calibrated and self.drop_prob > 0.0
+
+    def quantize_after(self, x: Tensor, activation: Optional[nn.Module]) -> Tensor:
+        """self(activation(x)); on the fused path a ReLU or ReLU6 is folded into the kernel (one pass, not two)."""
+        clip = fused_ops.activation_clip(activation)
+        if clip is None or self.observing or not self.fused or not self.quantizing():
+            return self(activation(x) if activation is not None else x)
+        return fused_ops.lsq_drop(x, self.scale, self.zero_point, self.qmax, self.drop_prob, self._grad_factor(x),
+                                  self.compiled, clip)
+
+    def _grad_factor(self, x: Tensor) -> float:
+        return 1.0 / math.sqrt(x.numel() * self.qmax) if self.scale.requires_grad else 1.0
+
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
             self.observer.observe(x)
-        if not self.enabled or not self.is_calibrated:
-            return x
-        if self.drop_prob <= 0.0:
+        if not self.quantizing():
             return x
         if not self.fused:
             xq = self.quantize(x)
             return xq if self.drop_prob >= 1.0 else torch.where(torch.rand_like(x) < self.drop_prob, xq, x)
-        factor = 1.0 / math.sqrt(x.numel() * self.qmax) if self.scale.requires_grad else 1.0
-        return fused_ops.lsq_drop(x, self.scale, self.zero_point, self.qmax, self.drop_prob, factor, self.compiled)
+        return fused_ops.lsq_drop(x, self.scale, self.zero_point, self.qmax, self.drop_prob, self._grad_factor(x),
+                                  self.compiled)
 
     def extra_repr(self) -> str:
         return f'bits={self.bits}, drop_prob={self.drop_prob}'
