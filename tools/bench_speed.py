@@ -32,9 +32,11 @@ with torch, a GPU machine without mmcv included.
    calibrated on the seeded images. Each variant runs in its own process (so
    its peak RSS is its own) and times a plain FP fwd+bwd of the same
    BN-folded block (quantizers off, weights and input requiring grad; and
-   without the input gradient, which reconstruction does not need) between
-   its timing windows, so both see the same machine load; ratios are medians
-   over the windows after the first.
+   without the input gradient, which reconstruction does not need) three
+   times after each timing window of --cpu-iters/10 iterations; the ratio is
+   the median over windows (the first, with compilation, left out) of the
+   window's s/it over the FP steps timed right after it, so both saw the same
+   machine load.
 Variants: ``reference`` (separate autograd ops, ``rand_like`` masks),
 ``fused`` (one-pass kernels of ``qdrop_mm.core.fused`` through
 ``torch.compile``: the default), ``fused_eager`` (the same kernels without
@@ -192,7 +194,7 @@ def cpu_block(name: str, images: List[torch.Tensor]) -> nn.Module:
     return quant
 
 
-def bench_cpu_one(block: str, variant: str, iters: int, log_interval: int = 20) -> dict:
+def bench_cpu_one(block: str, variant: str, iters: int) -> dict:
     """One block and variant, in this process: reconstruction s/it and FP fwd+bwd s/it timed in between."""
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -200,9 +202,10 @@ def bench_cpu_one(block: str, variant: str, iters: int, log_interval: int = 20) 
     quant = cpu_block(block, images)
     fp = folded_fp(quant)
     set_implementation(quant, variant)
-    stage = replace(build_method('qdrop', iters=iters, log_interval=log_interval).stages[0], batch_size=8)
+    stage = replace(build_method('qdrop', iters=iters, log_interval=max(1, iters // 10)).stages[0], batch_size=8)
     cache = build_unit_cache(quant, quant, images, lambda m, b: m(b), stage)
-    fp_times: Dict[str, List[float]] = {'fp_fwd_bwd': [], 'fp_fwd_bwd_no_input_grad': []}
+    kinds = {'fp_fwd_bwd': True, 'fp_fwd_bwd_no_input_grad': False}
+    fp_times: Dict[str, List[List[float]]] = {k: [] for k in kinds}
     windows: List[float] = []
     last = {'it': 0, 't': 0.0}
 
@@ -219,21 +222,26 @@ def bench_cpu_one(block: str, variant: str, iters: int, log_interval: int = 20) 
         now = time.perf_counter()
         if last['it']:
             windows.append((now - last['t']) / (it - last['it']))
-        for _ in range(2):
-            fp_times['fp_fwd_bwd'].append(fp_step(True))
-            fp_times['fp_fwd_bwd_no_input_grad'].append(fp_step(False))
+            for k, input_grad in kinds.items():
+                fp_times[k].append([fp_step(input_grad) for _ in range(3)])
+        else:
+            fp_step(True)
         last['it'], last['t'] = it, time.perf_counter()
 
     t0 = time.perf_counter()
     result = reconstruct_unit(quant, cache, stage, progress=between_windows)
-    steady = windows[1:] or windows
+    steady = slice(1, None) if len(windows) > 1 else slice(None)
     row = {'unit': block, 'variant': variant, 'input': [8, 64, 56, 56], 'iters': iters,
-           's_per_iter': statistics.median(steady), 'window_s_per_iter': windows,
+           's_per_iter': statistics.median(windows[steady]), 'window_s_per_iter': windows,
            'wall_s': time.perf_counter() - t0, 'loss_before': result.loss_before, 'loss_after': result.loss_after,
            'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    for k, v in fp_times.items():
-        row[k + '_s'] = statistics.median(v[2:] or v)
-        row['ratio' if k == 'fp_fwd_bwd' else 'ratio_no_input_grad'] = row['s_per_iter'] / row[k + '_s']
+    for k in kinds:
+        fp_window = [statistics.median(t) for t in fp_times[k]]
+        row[k + '_s'] = statistics.median(fp_window[steady])
+        row['window_' + k + '_s'] = fp_window
+        # each window against the FP steps timed right after it, so both saw the same machine load
+        row['ratio' if k == 'fp_fwd_bwd' else 'ratio_no_input_grad'] = statistics.median(
+            w / f for w, f in zip(windows[steady], fp_window[steady]))
     return row
 
 
