@@ -100,7 +100,7 @@ class AdaRoundQuantizer(nn.Module):
         if not self.enabled:
             return w
         scale, zp = self._qparams(w)
-        if self.mode == 'soft' and self.fused:
+        if self.mode == 'soft' and self.fused and self.ch_axis == 0:
             return fused_ops.soft_round(w, self.alpha, scale, zp, self.qmax, self.compiled)
         return (self.integer_weight(w) - zp) * scale
 

@@ -7,7 +7,8 @@ autograd sees one node instead of a graph of temporaries. The drop mask is not
 stored: it is a counter-based hash of (element index, a seed drawn per call),
 recomputed in the backward pass, so no ``rand_like`` tensor is drawn or kept.
 
-A kernel runs eagerly (same function, same numbers up to float rounding)
+Tensors reach the kernels flattened (one dimension; weights as
+channels x rest), so one compiled graph serves every shape. A kernel runs eagerly (same function, same numbers up to float rounding)
 when its tensor is smaller than the kernel's ``min_numel`` (compile time would
 not pay), inside an enclosing ``torch.compile`` (which traces it), or when
 compiling it failed once (a warning says so and that kernel stays eager).
@@ -35,15 +36,15 @@ class Kernel:
 
     def compiled(self) -> Callable:
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=None)
+            self._compiled = torch.compile(self.fn, dynamic=True)
         return self._compiled
 
     def __call__(self, *args, compile: bool = True):
         if not compile or self.failed or torch.compiler.is_compiling() or \
                 max(a.numel() for a in args if isinstance(a, Tensor)) < self.min_numel:
             return self.fn(*args)
-        try:
-            return self.compiled()(*args)
+        try:  # detached: no recompiles on requires_grad or on a Parameter's (static) shape
+            return self.compiled()(*(a.detach() if isinstance(a, Tensor) else a for a in args))
         except Exception as err:  # noqa: BLE001  the eager function computes the same thing
             self.failed = True
             warnings.warn(f'torch.compile of {self.fn.__name__} failed ({type(err).__name__}: '
@@ -121,12 +122,12 @@ def _mix(x_fp: Tensor, x_q: Tensor, seed: Tensor, threshold: int) -> Tensor:
     return torch.where(keep_mask(x_q, seed, threshold), x_q, x_fp)
 
 
-def _mse_forward(pred: Tensor, target: Tensor) -> Tensor:
-    return (pred - target).pow(2).sum() * (pred.shape[1] / pred.numel())
+def _mse_forward(pred: Tensor, target: Tensor, factor: float) -> Tensor:
+    return (pred - target).pow(2).sum() * factor
 
 
-def _mse_backward(grad: Tensor, pred: Tensor, target: Tensor) -> Tensor:
-    return (pred - target) * (grad * (2.0 * pred.shape[1] / pred.numel()))
+def _mse_backward(grad: Tensor, pred: Tensor, target: Tensor, factor: float) -> Tensor:
+    return (pred - target) * (grad * (2.0 * factor))
 
 
 def _rectified_sigmoid(alpha: Tensor) -> Tuple[Tensor, Tensor]:
@@ -187,17 +188,19 @@ class LSQDropFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, seed: Tensor, qmax: int,
                 threshold: Optional[int], lo: Optional[float], hi: Optional[float], grad_factor: float,
                 compile: bool) -> Tensor:
-        ctx.save_for_backward(x, scale, zero_point, seed)
+        flat = x.reshape(-1)
+        ctx.save_for_backward(flat, scale, zero_point, seed)
         ctx.args = (qmax, threshold, lo, hi)
         ctx.grad_factor, ctx.compile = grad_factor, compile
-        return lsq_forward(x, scale, zero_point, seed, qmax, threshold, lo, hi, compile=compile)
+        return lsq_forward(flat, scale, zero_point, seed, qmax, threshold, lo, hi, compile=compile).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, scale, zero_point, seed = ctx.saved_tensors
-        grad_x, grad_s = lsq_backward(grad.contiguous(), x, scale, zero_point, seed, *ctx.args, compile=ctx.compile)
+        flat, scale, zero_point, seed = ctx.saved_tensors
+        grad_x, grad_s = lsq_backward(grad.reshape(-1), flat, scale, zero_point, seed, *ctx.args,
+                                      compile=ctx.compile)
         grad_scale = (grad_s * ctx.grad_factor).reshape(scale.shape) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_scale, None, None, None, None, None, None, None, None
+        return grad_x.view(grad.shape), grad_scale, None, None, None, None, None, None, None, None
 
 
 def lsq_drop(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep_prob: float, grad_factor: float,
@@ -225,8 +228,8 @@ def mix_inputs(x_fp: Tensor, x_q: Tensor, keep_prob: float, compile: bool = True
         return x_q
     if keep_prob <= 0.0:
         return x_fp
-    return mix(x_fp.contiguous(), x_q.contiguous(), draw_seed(x_q.device), keep_threshold(keep_prob),
-               compile=compile)
+    return mix(x_fp.reshape(-1), x_q.reshape(-1), draw_seed(x_q.device), keep_threshold(keep_prob),
+               compile=compile).view(x_q.shape)
 
 
 class OutputMSEFunction(torch.autograd.Function):
@@ -234,39 +237,49 @@ class OutputMSEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred: Tensor, target: Tensor, compile: bool) -> Tensor:
-        ctx.save_for_backward(pred, target)
-        ctx.compile = compile
-        return mse_forward(pred, target, compile=compile)
+        pred_flat, target_flat = pred.reshape(-1), target.reshape(-1)
+        ctx.save_for_backward(pred_flat, target_flat)
+        ctx.factor, ctx.compile, ctx.shape = pred.shape[1] / pred.numel(), compile, pred.shape
+        return mse_forward(pred_flat, target_flat, ctx.factor, compile=compile)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        pred, target = ctx.saved_tensors
-        return mse_backward(grad, pred, target, compile=ctx.compile), None, None
+        pred_flat, target_flat = ctx.saved_tensors
+        grad_pred = mse_backward(grad, pred_flat, target_flat, ctx.factor, compile=ctx.compile)
+        return grad_pred.view(ctx.shape), None, None
 
 
 def output_mse(pred: Tensor, target: Tensor, compile: bool = True) -> Tensor:
-    return OutputMSEFunction.apply(pred.contiguous(), target.contiguous(), compile)
+    return OutputMSEFunction.apply(pred, target, compile)
 
 
 class SoftRoundFunction(torch.autograd.Function):
-    """AdaRound's soft-rounded weight s·(clamp(floor(w/s) + h(V) + z, 0, Q) − z); gradient for V only."""
+    """AdaRound's soft-rounded weight s·(clamp(floor(w/s) + h(V) + z, 0, Q) − z); gradient for V only.
+
+    Per output channel (dim 0): the kernels see w and V as channels x rest, s and z as channels x 1.
+    """
 
     @staticmethod
     def forward(ctx, w: Tensor, alpha: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, compile: bool) -> Tensor:
-        ctx.save_for_backward(w, alpha, scale, zero_point)
+        channels = w.shape[0]
+        w2, alpha2 = w.reshape(channels, -1), alpha.reshape(channels, -1)
+        scale2, zero_point2 = scale.reshape(channels, 1), zero_point.reshape(channels, 1)
+        ctx.save_for_backward(w2, alpha2, scale2, zero_point2)
         ctx.qmax, ctx.compile = qmax, compile
-        return soft_round_forward(w, alpha, scale, zero_point, qmax, compile=compile)
+        return soft_round_forward(w2, alpha2, scale2, zero_point2, qmax, compile=compile).view(w.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        w, alpha, scale, zero_point = ctx.saved_tensors
-        grad_alpha = soft_round_backward(grad.contiguous(), w, alpha, scale, zero_point, ctx.qmax, compile=ctx.compile)
-        return None, grad_alpha, None, None, None, None
+        w2, alpha2, scale2, zero_point2 = ctx.saved_tensors
+        grad_alpha = soft_round_backward(grad.reshape(w2.shape), w2, alpha2, scale2, zero_point2, ctx.qmax,
+                                         compile=ctx.compile)
+        return None, grad_alpha.view(grad.shape), None, None, None, None
 
 
 def soft_round(w: Tensor, alpha: Tensor, scale: Tensor, zero_point: Tensor, qmax: int,
                compile: bool = True) -> Tensor:
-    return SoftRoundFunction.apply(w.contiguous(), alpha, scale, zero_point, qmax, compile)
+    """Soft-rounded w with per-output-channel (dim 0) scale and zero point."""
+    return SoftRoundFunction.apply(w, alpha, scale, zero_point, qmax, compile)
 
 
 class RoundLossFunction(torch.autograd.Function):
@@ -274,14 +287,15 @@ class RoundLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha: Tensor, beta: Tensor, compile: bool) -> Tensor:
-        ctx.save_for_backward(alpha, beta)
-        ctx.compile = compile
-        return round_loss_forward(alpha, beta, compile=compile)
+        flat = alpha.reshape(-1)
+        ctx.save_for_backward(flat, beta)
+        ctx.compile, ctx.shape = compile, alpha.shape
+        return round_loss_forward(flat, beta, compile=compile)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        alpha, beta = ctx.saved_tensors
-        return round_loss_backward(grad, alpha, beta, compile=ctx.compile), None, None
+        flat, beta = ctx.saved_tensors
+        return round_loss_backward(grad, flat, beta, compile=ctx.compile).view(ctx.shape), None, None
 
 
 def round_loss(alpha: Tensor, beta: float, compile: bool = True) -> Tensor:
