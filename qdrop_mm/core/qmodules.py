@@ -95,8 +95,10 @@ class QuantResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.shortcut is None else self.shortcut(x)
         y = self.branch(x) + identity
-        if self.act_quantizer is not None:
+        if isinstance(self.act_quantizer, LSQActQuantizer):
             return self.act_quantizer.quantize_after(y, self.post_activation)
         if self.post_activation is not None:
             y = self.post_activation(y)
+        if self.act_quantizer is not None:  # e.g. the export's QDQ form
+            y = self.act_quantizer(y)
         return y
