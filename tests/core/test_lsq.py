@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qdrop_mm.core.fused import draw_seed, keep_mask, keep_threshold
-from qdrop_mm.core.lsq import LSQActQuantizer
+from qdrop_mm.core.lsq import LSQActQuantizer, clamp_steps
 
 
 def _calibrated(bits=4, seed=0):
@@ -65,6 +65,14 @@ def test_step_stays_positive_and_state_roundtrip():
     q2.load_state_dict(q.state_dict())
     x = torch.randn(10)
     assert q2.is_calibrated and torch.equal(q2(x), q(x))
+
+
+def test_clamp_steps_matches_clamp_step_per_quantizer():
+    qs = [_calibrated(seed=i) for i in range(3)]
+    for q, v in zip(qs, (-0.2, 0.0, 0.3)):
+        q.scale.data.fill_(v)
+    clamp_steps(qs)
+    assert [q.scale.item() for q in qs] == pytest.approx([0.2, 1e-8, 0.3])
 
 
 def test_uncalibrated_is_identity_and_calibration_needs_data():
