@@ -2,6 +2,8 @@
 
     python tools/bench_speed.py [--scale 1.0] [--iters 50] [--variants reference fused ...]
         [--e2e-images 4] [--e2e-iters 100] [--device-budget-gb 8] [--out work_dirs/bench_speed.json]
+    python tools/bench_speed.py --cpu-blocks [--cpu-iters 200] [--variants reference fused fused_eager]
+        [--out docs/results/speed_cpu.json]
 
 Core only (plain PyTorch, ``qdrop_mm.core.reference_models``: the layer
 shapes of mmdet's ResNet-50, FPN and MobileNetV2), so it runs on any machine
@@ -24,6 +26,21 @@ with torch, a GPU machine without mmcv included.
    images, 20 000 iterations per unit): per-unit steady s/it x 20 000, plus
    the first iterations' extra time (compilation, autotuning), plus capture
    time scaled to 256 images.
+3. ``--cpu-blocks`` (instead of 1 and 2): CPU, one thread, a ResNet-18
+   BasicBlock and the ResNet-50 layer1.0 Bottleneck at batch 8, 64 channels
+   in, 56x56, W4A4, QDrop p = 0.5, --cpu-iters iterations, BN statistics
+   calibrated on the seeded images. Each variant runs in its own process (so
+   its peak RSS is its own) and times a plain FP fwd+bwd of the same
+   BN-folded block (quantizers off, weights and input requiring grad; and
+   without the input gradient, which reconstruction does not need) three
+   times after each timing window of --cpu-iters/10 iterations; the ratio is
+   the median over windows (the first, with compilation, left out) of the
+   window's s/it over the FP steps timed right after it, so both saw the same
+   machine load.
+Variants: ``reference`` (separate autograd ops, ``rand_like`` masks),
+``fused`` (one-pass kernels of ``qdrop_mm.core.fused`` through
+``torch.compile``: the default), ``fused_eager`` (the same kernels without
+compiling: what a failed compile falls back to).
 Iteration times are steady-state: measured over the iterations after the
 first log point.
 Prints tables and writes JSON.
@@ -37,6 +54,8 @@ import os
 import os.path as osp
 import platform
 import resource
+import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -47,16 +66,18 @@ from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from qdrop_mm.core import PTQCallbacks, act_quantizers, build_method, calibrate_activations, reconstruct_unit  # noqa
+from qdrop_mm.core import (PTQCallbacks, act_quantizers, build_method, calibrate_activations, reconstruct_unit,  # noqa
+                           weight_quantizers)
 from qdrop_mm.core import run_ptq  # noqa: E402
 from qdrop_mm.core.ptq import build_unit_cache  # noqa: E402
 from qdrop_mm.core.reference_models import (Bottleneck, InvertedResidual, ResNet50FPN, calibrate_bn_statistics,  # noqa
                                             features_forward, quantize_bottleneck, quantize_inverted_residual,
                                             quantize_resnet50_fpn)
-from qdrop_mm.core.toy_network import smooth_images  # noqa: E402
+from qdrop_mm.core.toy_network import BasicBlock, quantize_toy_block, smooth_images  # noqa: E402
 from qdrop_mm.core.unit_cache import GiB, CachePolicy  # noqa: E402
 
-VARIANTS = ('reference', 'fused', 'host_cache', 'channels_last', 'compile')
+VARIANTS = ('reference', 'fused', 'fused_eager', 'host_cache', 'channels_last', 'compile')
+CPU_BLOCKS = ('resnet18 BasicBlock', 'resnet50 layer1.0 Bottleneck')
 FULL_ITERS, FULL_IMAGES = 20000, 256
 
 
@@ -117,8 +138,7 @@ def bench_unit(name: str, fp_module: nn.Module, quant_module: nn.Module, x_shape
         if variant == 'channels_last':
             module = quant_module.to(memory_format=torch.channels_last)
             batch = [b.contiguous(memory_format=torch.channels_last) for b in images]
-        for q in act_quantizers(quant_module):
-            q.fused = variant != 'reference'
+        set_implementation(quant_module, variant)
         policy = CachePolicy() if variant == 'host_cache' else on_device
         stage = replace(base_stage, compile=variant == 'compile')
         try:
@@ -140,6 +160,119 @@ def bench_unit(name: str, fp_module: nn.Module, quant_module: nn.Module, x_shape
         row[f'{variant}_ratio'] = per_iter / fp_s
         row[f'{variant}_peak_mb'] = peak_memory_mb(device)
     return row
+
+
+def set_implementation(module: nn.Module, variant: str) -> None:
+    """Quantizer implementation of a variant: reference ops, fused kernels compiled, or fused kernels eagerly."""
+    for q in act_quantizers(module) + weight_quantizers(module):
+        q.fused = variant != 'reference'
+        q.compiled = variant != 'fused_eager'
+
+
+def folded_fp(quant_module: nn.Module) -> nn.Module:
+    """The BN-folded FP block: a copy with every quantizer off and its weights and biases requiring grad."""
+    fp = copy.deepcopy(quant_module)
+    for q in act_quantizers(fp) + weight_quantizers(fp):
+        q.enabled = False
+    for name, buf in fp.named_buffers():
+        if name.endswith('weight') or name.endswith('bias'):
+            buf.requires_grad_(True)
+    return fp
+
+
+def cpu_block(name: str, images: List[torch.Tensor]) -> nn.Module:
+    """Seeded W4A4 block with BN statistics from ``images``, quantizers calibrated on them."""
+    torch.manual_seed(0)
+    fp = BasicBlock(64, 64) if name == CPU_BLOCKS[0] else Bottleneck(64, 64)
+    for m in fp.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    calibrate_bn_statistics(fp, images, lambda m, b: m(b))
+    quant = (quantize_toy_block if name == CPU_BLOCKS[0] else quantize_bottleneck)(fp, 4, 4)
+    calibrate_activations(quant, images, lambda m, b: m(b))
+    return quant
+
+
+def bench_cpu_one(block: str, variant: str, iters: int) -> dict:
+    """One block and variant, in this process: reconstruction s/it and FP fwd+bwd s/it timed in between."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.relu(torch.randn(8, 64, 56, 56, generator=g)) for _ in range(2)]
+    quant = cpu_block(block, images)
+    fp = folded_fp(quant)
+    set_implementation(quant, variant)
+    stage = replace(build_method('qdrop', iters=iters, log_interval=max(1, iters // 10)).stages[0], batch_size=8)
+    cache = build_unit_cache(quant, quant, images, lambda m, b: m(b), stage)
+    kinds = {'fp_fwd_bwd': True, 'fp_fwd_bwd_no_input_grad': False}
+    fp_times: Dict[str, List[List[float]]] = {k: [] for k in kinds}
+    windows: List[float] = []
+    last = {'it': 0, 't': 0.0}
+
+    def fp_step(input_grad: bool) -> float:
+        x = images[1].clone().requires_grad_(input_grad)
+        t0 = time.perf_counter()
+        fp(x).pow(2).mean().backward()
+        seconds = time.perf_counter() - t0
+        for buf in fp.buffers():
+            buf.grad = None
+        return seconds
+
+    def between_windows(it: int, total: int, loss: float) -> None:
+        now = time.perf_counter()
+        if last['it']:
+            windows.append((now - last['t']) / (it - last['it']))
+            for k, input_grad in kinds.items():
+                fp_times[k].append([fp_step(input_grad) for _ in range(3)])
+        else:
+            fp_step(True)
+        last['it'], last['t'] = it, time.perf_counter()
+
+    t0 = time.perf_counter()
+    result = reconstruct_unit(quant, cache, stage, progress=between_windows)
+    steady = slice(1, None) if len(windows) > 1 else slice(None)
+    row = {'unit': block, 'variant': variant, 'input': [8, 64, 56, 56], 'iters': iters,
+           's_per_iter': statistics.median(windows[steady]), 'window_s_per_iter': windows,
+           'wall_s': time.perf_counter() - t0, 'loss_before': result.loss_before, 'loss_after': result.loss_after,
+           'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    for k in kinds:
+        fp_window = [statistics.median(t) for t in fp_times[k]]
+        row[k + '_s'] = statistics.median(fp_window[steady])
+        row['window_' + k + '_s'] = fp_window
+        # each window against the FP steps timed right after it, so both saw the same machine load
+        row['ratio' if k == 'fp_fwd_bwd' else 'ratio_no_input_grad'] = statistics.median(
+            w / f for w, f in zip(windows[steady], fp_window[steady]))
+    return row
+
+
+def bench_cpu_blocks(args) -> dict:
+    """Every CPU block and variant, each in a fresh one-thread process."""
+    rows = []
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    for block in CPU_BLOCKS:
+        for variant in args.variants:
+            cmd = [sys.executable, osp.abspath(__file__), '--cpu-one', block, variant, '--cpu-iters', str(args.cpu_iters)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                rows.append({'unit': block, 'variant': variant, 'error': out.stderr.strip().splitlines()[-1][:300]})
+                continue
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {'device': device_name(torch.device('cpu')) + ', one thread', 'torch': torch.__version__,
+            'case': 'cpu_blocks', 'method': 'qdrop W4A4 p=0.5', 'batch': 8, 'iters': args.cpu_iters,
+            'variants': list(args.variants), 'rows': rows}
+
+
+def print_cpu_table(result: dict) -> None:
+    print(f"device: {result['device']}; torch {result['torch']}; {result['method']}, batch {result['batch']}, "
+          f"{result['iters']} iterations")
+    print(f"{'unit':<30} {'variant':<12} {'FP f+b ms':>9} {'recon ms/it':>11} {'ratio':>6} "
+          f"{'ratio (FP w/o input grad)':>25} {'peak RSS MB':>11}")
+    for r in result['rows']:
+        if 'error' in r:
+            print(f"{r['unit']:<30} {r['variant']:<12} error: {r['error']}")
+            continue
+        print(f"{r['unit']:<30} {r['variant']:<12} {r['fp_fwd_bwd_s'] * 1e3:>9.1f} {r['s_per_iter'] * 1e3:>11.1f} "
+              f"{r['ratio']:>6.2f} {r['ratio_no_input_grad']:>25.2f} {r['peak_rss_mb']:>11.0f}")
 
 
 def build_units(scale: float) -> List[tuple]:
@@ -291,8 +424,20 @@ def main(argv=None) -> dict:
     p.add_argument('--host-budget-gb', type=float, default=16.0)
     p.add_argument('--spill-dir', default=None)
     p.add_argument('--cudnn-benchmark', action='store_true')
-    p.add_argument('--out', default='work_dirs/bench_speed.json')
+    p.add_argument('--cpu-blocks', action='store_true', help='the CPU one-thread block case only (see above)')
+    p.add_argument('--cpu-iters', type=int, default=200, help='reconstruction iterations per CPU block run')
+    p.add_argument('--cpu-one', nargs=2, metavar=('BLOCK', 'VARIANT'), help=argparse.SUPPRESS)
+    p.add_argument('--out', default=None, help='JSON path (default work_dirs/bench_speed.json, '
+                   'docs/results/speed_cpu.json with --cpu-blocks)')
     args = p.parse_args(argv)
+    if args.cpu_one:
+        print(json.dumps(bench_cpu_one(*args.cpu_one, iters=args.cpu_iters)))
+        return {}
+    if args.cpu_blocks:
+        result = bench_cpu_blocks(args)
+        print_cpu_table(result)
+        return write_json(result, args.out or 'docs/results/speed_cpu.json')
+    args.out = args.out or 'work_dirs/bench_speed.json'
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     rows = [bench_unit(n, fp, q, shape, args, device) for n, fp, q, shape in build_units(args.scale)]
@@ -302,10 +447,14 @@ def main(argv=None) -> dict:
     if args.e2e_images:
         result['e2e'] = bench_e2e(args, device)
     print_tables(result)
-    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
+    return write_json(result, args.out)
+
+
+def write_json(result: dict, path: str) -> dict:
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
         json.dump(result, f, indent=2)
-    print(f'wrote {args.out}')
+    print(f'wrote {path}')
     return result
 
 

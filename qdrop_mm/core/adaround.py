@@ -13,11 +13,11 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from . import fused as fused_ops
 from .fake_quant import channel_view_shape, check_bits, quant_max
+from .fused import GAMMA, ZETA
 from .observers import build_observer
 
-ZETA = 1.1
-GAMMA = -0.1
 ROUNDING_MODES = ('nearest', 'soft', 'hard')
 
 
@@ -31,6 +31,9 @@ class AdaRoundQuantizer(nn.Module):
     The scale and zero point are fixed once, from ``observer`` on the weight
     itself. ``alpha`` (V) is created by :meth:`init_rounding`; it is a parameter
     so it is saved in ``state_dict`` and optimised by reconstruction.
+    ``fused`` runs soft rounding and its regulariser as one-pass autograd
+    functions (``compiled``: through ``torch.compile``); False gives the
+    separate autograd ops they are tested against.
     """
 
     def __init__(self, weight: Tensor, bits: int, ch_axis: int = 0, observer: str = 'mse') -> None:
@@ -39,6 +42,8 @@ class AdaRoundQuantizer(nn.Module):
         self.ch_axis = ch_axis
         self.enabled = True
         self.mode = 'nearest'
+        self.fused = True
+        self.compiled = True
         obs = build_observer(observer, bits, ch_axis)
         obs.observe(weight)
         scale, zero_point = obs.compute()
@@ -95,10 +100,14 @@ class AdaRoundQuantizer(nn.Module):
         if not self.enabled:
             return w
         scale, zp = self._qparams(w)
+        if self.mode == 'soft' and self.fused and self.ch_axis == 0:
+            return fused_ops.soft_round(w, self.alpha, scale, zp, self.qmax, self.compiled)
         return (self.integer_weight(w) - zp) * scale
 
     def round_loss(self, beta: float) -> Tensor:
         """Σ (1 − |2h(V) − 1|^β): zero only when every h(V) is exactly 0 or 1."""
+        if self.fused:
+            return fused_ops.round_loss(self.alpha, beta, self.compiled)
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
     def extra_repr(self) -> str:

@@ -6,64 +6,22 @@ at calibration. With ``drop_prob`` = p < 1, each element independently keeps
 its quantized value with probability p and its FP value otherwise, with a
 fresh mask every forward (p is the probability of *keeping* quantization, as
 in the reference code).
+
+Two implementations: the reference (separate autograd ops, a ``rand_like``
+mask) and the fused one (``fused.lsq_drop``: one pass forward, one backward,
+the mask hashed from the element index and a per-call seed).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from . import fused as fused_ops
 from .fake_quant import EPS, check_bits, fake_quantize, grad_scale, quant_max
 from .observers import build_observer
-
-
-def _lsq_forward(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep_prob: float
-                 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Fake-quantized x, and the keep mask where a drop applies."""
-    y = (torch.clamp(torch.round(x / scale) + zero_point, 0, qmax) - zero_point) * scale
-    if keep_prob >= 1.0:
-        return y, None
-    keep = torch.rand_like(x) < keep_prob
-    return torch.where(keep, y, x), keep
-
-
-def _lsq_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int,
-                  keep: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Gradient for x (straight through inside the grid, identity where dropped) and the summed step gradient."""
-    x_s = x / scale
-    x_r = torch.round(x_s)
-    level = x_r + zero_point
-    inside = (level >= 0) & (level <= qmax)
-    d_scale = torch.where(inside, x_r - x_s, torch.clamp(level, 0, qmax) - zero_point)
-    if keep is None:
-        return grad * inside, (grad * d_scale).sum()
-    return grad * (inside | ~keep), (grad * d_scale * keep).sum()
-
-
-class _LSQDropFunction(torch.autograd.Function):
-    """Fused LSQ fake quantization with the QDrop drop: one saved mask instead of a graph of temporaries.
-
-    Forward: y = where(keep, s·(clamp(round(x/s) + z, 0, Q) − z), x).
-    Backward: straight-through for x inside the grid (identity where dropped),
-    LSQ gradient for s on kept elements, scaled by ``grad_factor``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep_prob: float,
-                grad_factor: float) -> Tensor:
-        y, keep = _lsq_forward(x, scale, zero_point, qmax, keep_prob)
-        ctx.save_for_backward(x, scale, zero_point, keep)
-        ctx.qmax, ctx.grad_factor = qmax, grad_factor
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, scale, zero_point, keep = ctx.saved_tensors
-        grad_x, grad_s = _lsq_backward(grad, x, scale, zero_point, ctx.qmax, keep)
-        grad_scale = grad_s.reshape(scale.shape) * ctx.grad_factor if ctx.needs_input_grad[1] else None
-        return grad_x, grad_scale, None, None, None, None
 
 
 def _average_across_ranks(observer) -> None:
@@ -86,8 +44,9 @@ class LSQActQuantizer(nn.Module):
 
     States: ``observing`` feeds the observer (calibration); ``enabled``
     switches quantization on; ``drop_prob`` < 1 turns the drop on. ``fused``
-    selects the one-function autograd path (False: separate autograd ops, the
-    reference the fused path is tested against).
+    selects the one-pass autograd function (False: separate autograd ops, the
+    reference the fused path is tested against); ``compiled`` lets its
+    kernels run through ``torch.compile`` (False: the same kernels eagerly).
     """
 
     def __init__(self, bits: int, observer: str = 'mse') -> None:
@@ -104,6 +63,7 @@ class LSQActQuantizer(nn.Module):
         self.observing = False
         self.drop_prob = 1.0
         self.fused = True
+        self.compiled = True
 
     @property
     def qmax(self) -> int:
@@ -139,18 +99,39 @@ class LSQActQuantizer(nn.Module):
             scale = grad_scale(scale, 1.0 / math.sqrt(x.numel() * self.qmax))
         return fake_quantize(x, scale, self.zero_point, self.qmax)
 
+    def quantizing(self) -> bool:
+        return self.enabled and self.is_calibrated and self.drop_prob > 0.0
+
+    def quantize_after(self, x: Tensor, activation: Optional[nn.Module]) -> Tensor:
+        """self(activation(x)); on the fused path a ReLU or ReLU6 is folded into the kernel (one pass, not two)."""
+        clip = fused_ops.activation_clip(activation)
+        if clip is None or self.observing or not self.fused or not self.quantizing():
+            return self(activation(x) if activation is not None else x)
+        return fused_ops.lsq_drop(x, self.scale, self.zero_point, self.qmax, self.drop_prob, self._grad_factor(x),
+                                  self.compiled, clip)
+
+    def _grad_factor(self, x: Tensor) -> float:
+        return 1.0 / math.sqrt(x.numel() * self.qmax) if self.scale.requires_grad else 1.0
+
     def forward(self, x: Tensor) -> Tensor:
         if self.observing:
             self.observer.observe(x)
-        if not self.enabled or not self.is_calibrated:
-            return x
-        if self.drop_prob <= 0.0:
+        if not self.quantizing():
             return x
         if not self.fused:
             xq = self.quantize(x)
             return xq if self.drop_prob >= 1.0 else torch.where(torch.rand_like(x) < self.drop_prob, xq, x)
-        factor = 1.0 / math.sqrt(x.numel() * self.qmax) if self.scale.requires_grad else 1.0
-        return _LSQDropFunction.apply(x, self.scale, self.zero_point, self.qmax, self.drop_prob, factor)
+        return fused_ops.lsq_drop(x, self.scale, self.zero_point, self.qmax, self.drop_prob, self._grad_factor(x),
+                                  self.compiled)
 
     def extra_repr(self) -> str:
         return f'bits={self.bits}, drop_prob={self.drop_prob}'
+
+
+@torch.no_grad()
+def clamp_steps(quantizers: Iterable[LSQActQuantizer]) -> None:
+    """``clamp_step`` of every quantizer in two foreach calls."""
+    scales = [q.scale.data for q in quantizers]
+    if scales:
+        torch._foreach_abs_(scales)
+        torch._foreach_clamp_min_(scales, EPS)

@@ -42,9 +42,10 @@ class StageConfig:
     per log interval) of the hardened, fully quantized output MSE improved it by
     less than ``early_stop_rel_tol`` (off by default: the authors' fixed
     iteration count; the rounding schedule is relative to ``iters``, so checks
-    start late). ``compile`` runs the unit's training forward through
-    ``torch.compile`` (fused elementwise kernels; pays on a GPU, falls back to
-    eager with a warning if compilation fails).
+    start late). ``compile`` runs the unit's whole training forward through
+    ``torch.compile`` (falls back to eager with a warning if compilation
+    fails); without it the quantizers' elementwise work already runs as
+    compiled one-pass kernels (``core/fused.py``).
 
     ``learn_bias``: also learn the (BN-folded) FP biases of the unit's layers
     (Adam at ``b_lr``, cosine-annealed), which corrects the mean shift that

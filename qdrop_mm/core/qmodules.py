@@ -71,6 +71,8 @@ def apply_layer(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
         y = F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     else:
         y = F.linear(x, weight, layer.bias)
+    if isinstance(layer.act_quantizer, LSQActQuantizer):
+        return layer.act_quantizer.quantize_after(y, layer.activation)
     if layer.activation is not None:
         y = layer.activation(y)
     if layer.act_quantizer is not None:
@@ -93,8 +95,10 @@ class QuantResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.shortcut is None else self.shortcut(x)
         y = self.branch(x) + identity
+        if isinstance(self.act_quantizer, LSQActQuantizer):
+            return self.act_quantizer.quantize_after(y, self.post_activation)
         if self.post_activation is not None:
             y = self.post_activation(y)
-        if self.act_quantizer is not None:
+        if self.act_quantizer is not None:  # e.g. the export's QDQ form
             y = self.act_quantizer(y)
         return y

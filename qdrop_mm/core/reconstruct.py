@@ -19,7 +19,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .adaround import RoundingRegularizer
+from .lsq import clamp_steps
 from .methods import StageConfig
 from .quant_state import act_quantizers, quant_state, weight_quantizers
 from .unit_cache import UnitCache
@@ -120,10 +122,10 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         return ReconResult(loss_before, loss_before, 0, 0.0, [], rel_before, rel_before)
     for b in b_params:
         b.requires_grad_(True)
-    w_opt = torch.optim.Adam(w_params, lr=stage.effective_w_lr) if w_params else None
+    w_opt = torch.optim.Adam(w_params, lr=stage.effective_w_lr, foreach=True) if w_params else None
     annealed = [{'params': params, 'lr': lr} for params, lr in
                 ((a_params, stage.effective_a_lr), (b_params, stage.effective_b_lr)) if params]
-    a_opt = torch.optim.Adam(annealed) if annealed else None
+    a_opt = torch.optim.Adam(annealed, foreach=True) if annealed else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=stage.iters, eta_min=0.0) if a_opt else None
     reg = RoundingRegularizer(stage.iters, stage.round_weight, stage.warmup, stage.b_start, stage.b_end)
     stopper = EarlyStopper(stage.early_stop_patience, stage.early_stop_rel_tol) if stage.early_stop_patience else None
@@ -136,10 +138,12 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         torch._dynamo.reset()  # graphs of earlier units are done with; each unit gets the full recompile budget
 
     k = stage.accum_steps
+    fast = all(q.fused for q in wqs + aqs)  # the unit's quantizers say which implementation runs
+    compile_kernels = all(q.compiled for q in wqs + aqs)
 
     def loss_and_backward(fwd: Callable[[Tensor], Tensor], x: Tensor, target: Tensor, it: int, first: bool):
         """Backward of this batch's share of the step's loss; the step-wide terms ride on its first batch."""
-        rec = output_mse(fwd(x), target)
+        rec = fused.output_mse(fwd(x), target, compile_kernels) if fast else output_mse(fwd(x), target)
         loss = rec / k if k > 1 else rec
         if first:
             round_term = reg(it, wqs) if w_opt is not None else None
@@ -156,7 +160,8 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         batches = []
         for _ in range(k):
             x_fp, x_q, target = cache.sample(stage.batch_size, device)
-            batches.append((mix_inputs(x_fp, x_q, keep), target))
+            x = fused.mix_inputs(x_fp, x_q, keep, compile_kernels) if fast else mix_inputs(x_fp, x_q, keep)
+            batches.append((x, target))
         return batches
 
     def step_gradients(fwd: Callable[[Tensor], Tensor], batches: List[Tuple[Tensor, Tensor]], it: int):
@@ -190,8 +195,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
                 if a_opt:
                     a_opt.step()
                     a_sched.step()
-                    for q in aqs:
-                        q.clamp_step()
+                    clamp_steps(aqs)
                 if (it + 1) % stage.log_interval == 0 or it == 0 or it + 1 == stage.iters:
                     value = rec.item()
                     if not torch.isfinite(loss).item():

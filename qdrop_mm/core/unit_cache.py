@@ -194,8 +194,10 @@ class UnitCache:
     def sample(self, batch_size: Optional[int], device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
         """One training batch (x_fp, x_q, target) on ``device``, always float32."""
         if self._stacked is not None and batch_size is not None:
-            idx = torch.randint(0, self._stacked[0].shape[0], (batch_size,))
-            return tuple(t[idx].to(device, torch.float32, non_blocking=True) for t in self._stacked)
+            rows = self._stacked[0]
+            idx = torch.randint(0, rows.shape[0], (batch_size,), device=rows.device)
+            # index_select: one copy of the rows (t[idx] takes the slower advanced-indexing path, 8x on CPU)
+            return tuple(t.index_select(0, idx).to(device, torch.float32, non_blocking=True) for t in self._stacked)
         if self._pending is None:
             self._pending = self._draw()
         i, self._pending = self._pending, self._draw()

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from qdrop_mm.core.lsq import LSQActQuantizer
+from qdrop_mm.core.fused import draw_seed, keep_mask, keep_threshold
+from qdrop_mm.core.lsq import LSQActQuantizer, clamp_steps
 
 
 def _calibrated(bits=4, seed=0):
@@ -66,6 +67,14 @@ def test_step_stays_positive_and_state_roundtrip():
     assert q2.is_calibrated and torch.equal(q2(x), q(x))
 
 
+def test_clamp_steps_matches_clamp_step_per_quantizer():
+    qs = [_calibrated(seed=i) for i in range(3)]
+    for q, v in zip(qs, (-0.2, 0.0, 0.3)):
+        q.scale.data.fill_(v)
+    clamp_steps(qs)
+    assert [q.scale.item() for q in qs] == pytest.approx([0.2, 1e-8, 0.3])
+
+
 def test_uncalibrated_is_identity_and_calibration_needs_data():
     q = LSQActQuantizer(4)
     x = torch.randn(3)
@@ -88,7 +97,8 @@ def test_fused_path_matches_reference_autograd(keep_prob):
     fused_x, fused_s = x.grad.clone(), q.scale.grad.clone()
     x.grad, q.scale.grad = None, None
     torch.manual_seed(7)
-    keep = torch.rand_like(x) < keep_prob if keep_prob < 1 else torch.ones_like(x, dtype=torch.bool)
+    keep = keep_mask(x, draw_seed(x.device), keep_threshold(keep_prob)) if keep_prob < 1 else \
+        torch.ones_like(x, dtype=torch.bool)
     ref = torch.where(keep, q.quantize(x), x)
     assert torch.equal(ref, y)
     (ref * gy).sum().backward()
