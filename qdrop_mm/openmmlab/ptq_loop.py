@@ -41,6 +41,7 @@ from mmengine.utils import ProgressBar
 
 from qdrop_mm.core import NonFiniteLossError, PTQCallbacks, PTQResult, Unit, UnitRecord, run_ptq
 from qdrop_mm.core.methods import MethodConfig
+from qdrop_mm.core.quant_state import act_quantizers
 
 from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
 from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
@@ -294,6 +295,12 @@ class PTQLoop(TestLoop):
                     f'{len(method.stages)} stage(s)')
         log_plan_coverage(logger, self.plan)
         if self.plan.uncalled:
+            unseen = [n for n in self.plan.uncalled if act_quantizers(model.get_submodule(n))]
+            if unseen:
+                raise PTQConfigError(
+                    f'ptq.scope: {len(unseen)} unit(s) with activation quantizers are not run by the calibration '
+                    f'forward (the model\'s extract_feat: backbone and neck), e.g. {unseen[:3]}; heads cannot be '
+                    f'quantized yet: remove them from ptq.scope')
             logger.warning(f'not on the feature path, quantized by rounding only: {self.plan.uncalled}')
         fingerprint = {'settings': settings.to_dict(), 'units': [u.name for u in self.plan.units],
                        'checkpoint': checkpoint_identity(getattr(self.runner, '_load_from', None)),
