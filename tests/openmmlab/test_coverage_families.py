@@ -134,3 +134,20 @@ def test_override_or_scope_matching_nothing_is_an_error():
         plan_model(build_stock_model('rtmdet_tiny'), PTQSettings.from_cfg(dict(scope=['backbone', 'nek'])))
     with pytest.raises(PTQConfigError, match=r"^ptq.scope must be 'auto' or a non-empty list"):
         PTQSettings.from_cfg(dict(scope=[]))
+
+
+def test_layers_no_rule_quantizes_are_listed_with_their_share():
+    from qdrop_mm.openmmlab.report import bits_summary
+    model = build_stock_model('rtmdet_tiny')
+    # the PAFPN rule converts the children it knows: anything else in scope must still be found and listed
+    model.neck.extra = nn.Sequential(nn.Conv1d(8, 16, 3), nn.MultiheadAttention(16, 2))
+    plan = plan_model(model, PTQSettings.from_cfg(SETTINGS))
+    assert [(f.name, f.type, f.num_weights) for f in plan.fp_layers] == [
+        ('neck.extra.0', 'Conv1d', 8 * 16 * 3), ('neck.extra.1', 'MultiheadAttention', 3 * 16 * 16 + 16 * 16)]
+    quantized, fp = plan.num_weights()
+    assert fp == 384 + 1024 and quantized > 10 * fp
+    bits = bits_summary(plan.units, fp)
+    assert bits['quantized_weight_share'] == pytest.approx(quantized / (quantized + fp), abs=1e-4)
+    assert bits['avg_w_bits_fp_as_32'] > bits['avg_w_bits_weighted_by_num_weights']
+    assert plan.fp_summary().startswith('2 weight layer(s) in ptq.scope stay FP, no rule quantizes them '
+                                     '(1 Conv1d, 1 MultiheadAttention; 1408 weights, 0.0% of the weights in scope)')
