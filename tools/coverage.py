@@ -37,19 +37,28 @@ class Case:
     family: str
     package: str
     config: str
+    model: Tuple[Tuple[str, Any], ...] = ()  # model keys changed for the tiny input (what and why in CASES)
 
 
 CASES = [
     Case('retinanet_r18', 'ResNet', 'mmdet', 'retinanet/retinanet_r18_fpn_1x_coco.py'),
     Case('faster_rcnn_r50', 'ResNet', 'mmdet', 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'),
+    Case('faster_rcnn_x101', 'ResNeXt', 'mmdet', 'faster_rcnn/faster-rcnn_x101-32x4d_fpn_1x_coco.py'),
+    Case('faster_rcnn_regnetx', 'RegNet', 'mmdet', 'regnet/faster-rcnn_regnetx-3.2GF_fpn_1x_coco.py'),
+    Case('cascade_rcnn_r50', 'ResNet', 'mmdet', 'cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py'),
+    Case('fcos_r50', 'ResNet (caffe)', 'mmdet', 'fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py'),
+    Case('atss_r50', 'ResNet', 'mmdet', 'atss/atss_r50_fpn_1x_coco.py'),
     Case('rtmdet_tiny', 'CSPNeXt', 'mmdet', 'rtmdet/rtmdet_tiny_8xb32-300e_coco.py'),
     Case('yolox_s', 'CSPDarknet', 'mmdet', 'yolox/yolox_s_8xb8-300e_coco.py'),
     Case('mask_rcnn_swin_t', 'Swin', 'mmdet', 'swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'),
-    Case('dino_r50', 'ResNet + GN neck', 'mmdet', 'dino/dino-4scale_r50_8xb2-12e_coco.py'),
+    # 900 queries need more than the 256 encoder tokens a 128x96 image gives: 100 queries
+    Case('dino_r50', 'ResNet + GN neck', 'mmdet', 'dino/dino-4scale_r50_8xb2-12e_coco.py',
+         (('num_queries', 100),)),
     Case('segformer_b0', 'MiT', 'mmseg', 'segformer/segformer_mit-b0_8xb2-160k_ade20k-512x512.py'),
     Case('fcn_hr18s', 'HRNet', 'mmseg', 'hrnet/fcn_hr18s_4xb2-40k_cityscapes-512x1024.py'),
     Case('deeplabv3plus_r50', 'ResNetV1c', 'mmseg', 'deeplabv3plus/deeplabv3plus_r50-d8_4xb2-40k_cityscapes-512x1024.py'),
     Case('pspnet_r50', 'ResNetV1c', 'mmseg', 'pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py'),
+    Case('fast_scnn', 'Fast-SCNN', 'mmseg', 'fastscnn/fast_scnn_8xb4-160k_cityscapes-512x1024.py'),
 ]
 
 
@@ -138,6 +147,7 @@ def write_case_config(case: Case, work_dir: str, data_root: str, test_images: in
             root, 'val2017', _seg_list(data_root, 'val2017', osp.join(work_dir, 'val.txt')), num_classes,
             test_images))
         evaluator = dict(_delete_=True, type='IoUMetric', iou_metrics=['mIoU'])
+    model.update(dict(case.model))
     text = '\n'.join([
         f'_base_ = [{stock!r}, {osp.join(REPO, "configs", "_base_", "ptq_qdrop.py")!r}]',
         f'model = {model!r}',
