@@ -1,7 +1,8 @@
 """One tiny test per model family of the stock mmdet/mmseg configs (random weights, 64x96 input, 2 iterations).
 
 Each quantizes the model's backbone and neck (``ptq.scope='auto'``), saves the quantized state dict,
-rebuilds it into a fresh model as ``--load-quantized`` does and checks the features are bit-identical;
+rebuilds it into a fresh model as ``--load-quantized`` does and checks the features and the model's
+predictions (``predict``: boxes, scores, labels / segmentation logits) are bit-identical;
 it also checks what the plan left FP, that BatchNorms in scope are folded, and the block units formed.
 """
 import copy
@@ -30,6 +31,7 @@ def build_stock_model(name: str):
     case = next(c for c in CASES if c.name == name)
     cfg = Config.fromfile(stock_config_path(case))
     cfg.model.backbone.init_cfg = None
+    cfg.model.update(dict(case.model))  # what the tiny input needs (e.g. DINO's number of queries)
     if case.package == 'mmseg':
         cfg.model.pretrained = None
     init_default_scope(cfg.default_scope)
@@ -54,7 +56,23 @@ def quantize_and_reload(name: str, tmp_path, **options):
     with torch.no_grad():
         for a, b in zip(model.extract_feat(x), fresh.extract_feat(x)):
             assert a.shape == b.shape and torch.equal(a, b)
+        first, second = predictions(model, x), predictions(fresh, x)
+    assert first and len(first) == len(second)
+    assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, second))
     return plan, model
+
+
+def predictions(model, x):
+    """The model's own predict() on one image: boxes/scores/labels (mmdet) or segmentation logits (mmseg)."""
+    h, w = x.shape[-2:]
+    meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), batch_input_shape=(h, w),
+                scale_factor=(1.0, 1.0))
+    if hasattr(model, 'decode_head'):
+        from mmseg.structures import SegDataSample
+        return [model.predict(x, [SegDataSample(metainfo=meta)])[0].seg_logits.data]
+    from mmdet.structures import DetDataSample
+    inst = model.predict(x, [DetDataSample(metainfo=meta)])[0].pred_instances
+    return [v for _, v in sorted(inst.items()) if isinstance(v, torch.Tensor)]
 
 
 def bn_in_scope(model, settings=PTQSettings()):
