@@ -77,6 +77,7 @@ class Row:
     unfolded_norms: int = 0
     run_ok: bool = False
     reload_identical: bool = False
+    compared: str = ''  # what the identity check compared (boxes or pixels), so an empty result shows
     seconds: float = 0.0
     error: str = ''
     fp_names: List[str] = field(default_factory=list)
@@ -258,6 +259,14 @@ def plan_row(runner: Any, row: Row) -> None:
                           for m in model.get_submodule(p).modules())
 
 
+def compared_items(predictions: List[Dict[str, Any]]) -> str:
+    """'N boxes' (detection) or 'N pixels' (segmentation) over the test images."""
+    boxes = sum(len(p['pred_instances.bboxes']) for p in predictions if 'pred_instances.bboxes' in p)
+    if boxes or any('pred_instances.bboxes' in p for p in predictions):
+        return f'{boxes} boxes'
+    return f"{sum(p['pred_sem_seg.data'].numel() for p in predictions if 'pred_sem_seg.data' in p)} pixels"
+
+
 def identical(a: List[Dict[str, Any]], b: List[Dict[str, Any]]) -> bool:
     import torch
     if len(a) != len(b) or not a:
@@ -291,6 +300,7 @@ def run_case(case: Case, work_root: str, data_root: str = DEFAULT_DATA, iters: i
         _, second, _ = run_ptq(config, ckpt, osp.join(work, 'load'), options,
                                load_quantized=osp.join(work, 'ptq', 'quantized.pth'))
         row.reload_identical = identical(first, second)
+        row.compared = compared_items(first)
         if not row.reload_identical:
             row.error = 'predictions after --load-quantized differ from the quantizing run'
     except SystemExit as err:
@@ -304,13 +314,14 @@ def run_case(case: Case, work_root: str, data_root: str = DEFAULT_DATA, iters: i
 def format_table(rows: List[Row]) -> str:
     """The README's markdown table."""
     lines = ['| family | config | units: blocks / layers | layers left FP (share of weights) | BN unfolded | '
-             'norms kept FP | run ok | reload identical |',
+             'norms kept FP | run ok | reload identical (predictions compared) |',
              '|---|---|---|---|---|---|---|---|']
     for r in rows:
         fp = f'{r.fp_layers} ({100 * r.fp_share:.1f} %)' if r.run_ok else '-'
         lines.append(f'| {r.family} | `{r.config}` | {r.blocks} / {r.layers} | {fp} | '
                      f'{r.unfolded_bn if r.run_ok else "-"} | {r.unfolded_norms if r.run_ok else "-"} | '
-                     f'{"yes" if r.run_ok else "no"} | {"yes" if r.reload_identical else "no"} |')
+                     f'{"yes" if r.run_ok else "no"} | {"yes" if r.reload_identical else "no"}'
+                     f'{f" ({r.compared})" if r.compared else ""} |')
     errors = [f'- {r.case}: {r.error}' for r in rows if r.error]
     return '\n'.join(lines + ([''] + errors if errors else []))
 

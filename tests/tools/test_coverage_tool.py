@@ -14,7 +14,9 @@ def test_rtmdet_tiny_runs_and_reloads_identically(tmp_path):
     assert row.error == '' and row.run_ok and row.reload_identical
     assert (row.blocks, row.layers, row.fp_layers, row.unfolded_bn) == (9, 14, 0, 0)
     table = format_table([row])
-    assert '| CSPNeXt | `rtmdet/rtmdet_tiny_8xb32-300e_coco.py` | 9 / 14 | 0 (0.0 %) | 0 | 0 | yes | yes |' in table
+    assert row.compared.endswith(' boxes') and int(row.compared.split()[0]) > 0
+    assert ('| CSPNeXt | `rtmdet/rtmdet_tiny_8xb32-300e_coco.py` | 9 / 14 | 0 (0.0 %) | 0 | 0 | yes | '
+            f'yes ({row.compared}) |') in table
 
 
 @pytest.mark.skipif(not osp.isdir(COCO128), reason='../shared/coco128 not present')
