@@ -164,6 +164,11 @@ class LoggingCallbacks(PTQCallbacks):
                          f'(closed form, {r.seconds:.2f} s{kept})')
 
 
+    def compensation_not_possible(self, unit: Unit) -> None:
+        self.logger.warning(f'[QwT] {unit.name}: left uncompensated: its input or output is not an NCHW feature map '
+                            f'a strided 1x1 conv can map (e.g. transformer tokens)')
+
+
 class ResumableCallbacks(LoggingCallbacks):
     """Logging plus: skipping restored units, saving the resume state after calibration and each unit."""
 
