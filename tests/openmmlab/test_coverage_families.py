@@ -2,7 +2,7 @@
 
 Each quantizes the model's backbone and neck (``ptq.scope='auto'``), saves the quantized state dict,
 rebuilds it into a fresh model as ``--load-quantized`` does and checks the features and the model's
-predictions (``predict``: boxes, scores, labels / segmentation logits) are bit-identical;
+raw outputs (``_forward``: dense head outputs, RoI head outputs, decode-head logits) are bit-identical;
 it also checks what the plan left FP, that BatchNorms in scope are folded, and the block units formed.
 """
 import copy
@@ -57,22 +57,32 @@ def quantize_and_reload(name: str, tmp_path, **options):
         for a, b in zip(model.extract_feat(x), fresh.extract_feat(x)):
             assert a.shape == b.shape and torch.equal(a, b)
         first, second = predictions(model, x), predictions(fresh, x)
-    assert first and len(first) == len(second)
+    assert first and len(first) == len(second) and all(t.numel() > 0 for t in first)
     assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, second))
     return plan, model
 
 
 def predictions(model, x):
-    """The model's own predict() on one image: boxes/scores/labels (mmdet) or segmentation logits (mmseg)."""
+    """The model's raw outputs (``_forward``: head outputs per level / RoI, decode-head logits), no score threshold."""
     h, w = x.shape[-2:]
     meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), batch_input_shape=(h, w),
                 scale_factor=(1.0, 1.0))
     if hasattr(model, 'decode_head'):
-        from mmseg.structures import SegDataSample
-        return [model.predict(x, [SegDataSample(metainfo=meta)])[0].seg_logits.data]
-    from mmdet.structures import DetDataSample
-    inst = model.predict(x, [DetDataSample(metainfo=meta)])[0].pred_instances
-    return [v for _, v in sorted(inst.items()) if isinstance(v, torch.Tensor)]
+        from mmseg.structures import SegDataSample as Sample
+    else:
+        from mmdet.structures import DetDataSample as Sample
+    return list(_tensors(model._forward(x, [Sample(metainfo=meta)])))
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (list, tuple)):
+        for v in out:
+            yield from _tensors(v)
+    elif isinstance(out, dict):
+        for k in sorted(out):
+            yield from _tensors(out[k])
 
 
 def bn_in_scope(model, settings=PTQSettings()):
