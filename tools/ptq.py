@@ -172,6 +172,10 @@ def main(argv=None) -> dict:
         cfg = build_cfg(args)
     except ValueError as err:
         raise SystemExit(f'error: {err}') from None
+    except Exception as err:  # noqa: BLE001  e.g. a config file mmengine cannot parse
+        if os.environ.get('QDROP_MM_TRACEBACK'):
+            raise
+        raise SystemExit(f'error: {args.config}: {unexpected_error_message(err)}') from None
     init_cpu_distributed(cfg)
     if cfg.launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
         cfg.model_wrapper_cfg = dict(type='qdrop_mm.PTQEvalWrapper')
