@@ -12,7 +12,8 @@ After every finished unit the state is saved in work_dir/ptq_resume; a run
 that was killed continues with ``--resume`` (same config and options) and
 gives the same quantized weights as an uninterrupted run. Problems with the
 config, checkpoint, data or work dir, and a NaN/inf reconstruction loss,
-print ``error: <message>`` and exit with status 1 (no traceback).
+print ``error: <message>`` and exit with status 1 (no traceback); so does any
+unexpected failure (``QDROP_MM_TRACEBACK=1`` shows its traceback).
 """
 from __future__ import annotations
 
@@ -145,6 +146,23 @@ def run_test_loop(cfg, allow_unsafe_checkpoint: bool = False) -> dict:
         if runner is not None:
             runner.logger.error(f'error: {message}')
         raise SystemExit(f'error: {message}') from None
+    except Exception as err:  # noqa: BLE001  anything else is still one line, never a traceback
+        if os.environ.get('QDROP_MM_TRACEBACK'):
+            raise
+        message = unexpected_error_message(err)
+        if runner is not None:
+            runner.logger.error(f'error: {message}')
+        raise SystemExit(f'error: {message}') from None
+
+
+def unexpected_error_message(err: BaseException) -> str:
+    """One line for a failure qdrop_mm did not anticipate: where it happened and what it was."""
+    import traceback
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f' in {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} ({frames[-1].name})' if frames else ''
+    text = (str(err).strip().splitlines() or [''])[0][:300]
+    return (f'unexpected {type(err).__name__}{where}: {text} (please report it; '
+            f'QDROP_MM_TRACEBACK=1 shows the traceback)')
 
 
 def main(argv=None) -> dict:
@@ -154,6 +172,10 @@ def main(argv=None) -> dict:
         cfg = build_cfg(args)
     except ValueError as err:
         raise SystemExit(f'error: {err}') from None
+    except Exception as err:  # noqa: BLE001  e.g. a config file mmengine cannot parse
+        if os.environ.get('QDROP_MM_TRACEBACK'):
+            raise
+        raise SystemExit(f'error: {args.config}: {unexpected_error_message(err)}') from None
     init_cpu_distributed(cfg)
     if cfg.launcher != 'none' and cfg.get('model_wrapper_cfg') is None:
         cfg.model_wrapper_cfg = dict(type='qdrop_mm.PTQEvalWrapper')

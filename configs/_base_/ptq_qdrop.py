@@ -12,7 +12,7 @@ ptq = dict(
     num_images=256,          # calibration images from the TRAIN split
     batch_size=2,
     seed=0,
-    scope=['backbone', 'neck'],   # heads stay FP, as in the authors' protocol
+    scope='auto',            # backbone and neck (whichever the model has); heads stay FP, as in the authors' protocol
     quantize_fpn_outputs=False,   # FPN output convs: weights quantized, outputs FP
     overrides=dict(),        # e.g. {'backbone.layer4': dict(w_bits=8)}
     method_options=dict(),   # e.g. dict(round_weight=0.01, w_lr=1e-3, a_lr=4e-5, warmup=0.2)

@@ -9,7 +9,7 @@ from .methods import (METHODS, CompensationConfig, MethodConfig, PredictionConfi
 from .observers import MinMaxObserver, MSEObserver, build_observer
 from .prediction_loss import PredictionGroup, PredictionSource, PredictionTerm, prediction_difference
 from .ptq import PTQCallbacks, PTQResult, Unit, UnitRecord, calibrate_activations, run_ptq
-from .qmodules import QuantLayer, QuantResidual
+from .qmodules import QuantLayer, QuantOutput, QuantResidual
 from .quant_state import act_quantizers, quant_state, weight_quantizers
 from .qwt import Compensated, LeastSquaresAccumulator, fit_compensation, wrap_units
 from .reconstruct import NonFiniteLossError, ReconResult, output_mse, reconstruct_unit
@@ -20,7 +20,7 @@ __all__ = [
     'fake_quantize', 'qparams_from_range', 'round_ste', 'LSQActQuantizer', 'METHODS', 'MethodConfig',
     'StageConfig', 'build_method', 'register_method', 'MinMaxObserver', 'MSEObserver', 'build_observer',
     'PTQCallbacks', 'PTQResult', 'Unit', 'UnitRecord', 'calibrate_activations', 'run_ptq', 'QuantLayer',
-    'QuantResidual', 'act_quantizers', 'quant_state', 'weight_quantizers', 'NonFiniteLossError',
+    'QuantOutput', 'QuantResidual', 'act_quantizers', 'quant_state', 'weight_quantizers', 'NonFiniteLossError',
     'ReconResult', 'output_mse', 'reconstruct_unit', 'UnitCache', 'CompensationConfig', 'Compensated',
     'LeastSquaresAccumulator', 'fit_compensation', 'wrap_units', 'PredictionConfig', 'PredictionGroup',
     'PredictionSource', 'PredictionTerm', 'prediction_difference',

@@ -73,6 +73,10 @@ class PTQCallbacks:
         """A unit's QwT compensation was fitted (``record.stage`` = number of stages; not resumable)."""
         pass
 
+    def compensation_not_possible(self, unit: Unit) -> None:
+        """QwT cannot compensate ``unit`` (its input/output are not NCHW maps a strided 1x1 conv can map)."""
+        pass
+
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
@@ -188,4 +192,6 @@ def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], for
                 record = UnitRecord(unit.name, unit.kind, len(method.stages), fit, 0)
                 result.records.append(record)
                 cb.after_compensation(record)
+            else:
+                cb.compensation_not_possible(unit)
     return result

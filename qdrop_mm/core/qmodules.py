@@ -1,7 +1,9 @@
 """Quantized building blocks that replace FP modules inside a network.
 
-``QuantLayer`` is one conv or linear with its BatchNorm folded in, an optional
-activation function and an optional output activation quantizer.
+``QuantLayer`` is one conv or linear with its BatchNorm folded in (or, for a norm
+that cannot be folded such as GroupNorm or LayerNorm, that norm kept in FP after
+the layer), an optional activation function and an optional output activation
+quantizer. ``QuantOutput`` adds an output activation quantizer to any module.
 ``QuantResidual`` is a residual unit (ResNet blocks, MobileNetV2 inverted
 residuals): a branch of QuantLayers plus a shortcut, an optional activation
 after the add, and an optional quantizer on the unit output. Where the
@@ -25,11 +27,17 @@ Layer = Union[nn.Conv2d, nn.Linear]
 
 
 class QuantLayer(nn.Module):
-    """Conv2d/Linear (+ folded BN) (+ activation) (+ output act quantizer)."""
+    """Conv2d/Linear (+ folded BN) (+ FP norm) (+ activation) (+ output act quantizer).
+
+    ``bn`` is folded into the weight; ``norm`` (a GroupNorm, LayerNorm, ...) is kept as an FP
+    module between the layer and its activation. ``in_a_bits`` adds an activation quantizer on the
+    layer's input (transformer linears whose input comes from an FP LayerNorm or attention).
+    """
 
     def __init__(self, layer: Layer, w_bits: int, bn: Optional[nn.Module] = None,
                  activation: Optional[nn.Module] = None, a_bits: Optional[int] = None,
-                 w_observer: str = 'mse', a_observer: str = 'mse') -> None:
+                 w_observer: str = 'mse', a_observer: str = 'mse', norm: Optional[nn.Module] = None,
+                 in_a_bits: Optional[int] = None) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f'QuantLayer wraps nn.Conv2d or nn.Linear, got {type(layer).__name__}')
@@ -48,8 +56,13 @@ class QuantLayer(nn.Module):
         self.register_buffer('weight', weight)
         self.register_buffer('bias', bias)
         self.weight_quantizer = AdaRoundQuantizer(weight, w_bits, ch_axis=0, observer=w_observer)
+        self.norm = norm
+        if norm is not None:
+            norm.requires_grad_(False)  # FP and fixed: reconstruction learns only quantizer parameters
         self.activation = activation
         self.act_quantizer = LSQActQuantizer(a_bits, a_observer) if a_bits is not None else None
+        if in_a_bits is not None:
+            self.input_quantizer = LSQActQuantizer(in_a_bits, a_observer)
 
     @property
     def w_bits(self) -> int:
@@ -67,10 +80,14 @@ def apply_layer(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
 
     Shared by :class:`QuantLayer` (fake-quantized weight) and its export form (dequantized integer weight).
     """
+    if getattr(layer, 'input_quantizer', None) is not None:
+        x = layer.input_quantizer(x)
     if layer.kind == 'conv':
         y = F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     else:
         y = F.linear(x, weight, layer.bias)
+    if getattr(layer, 'norm', None) is not None:
+        y = layer.norm(y)
     if isinstance(layer.act_quantizer, LSQActQuantizer):
         return layer.act_quantizer.quantize_after(y, layer.activation)
     if layer.activation is not None:
@@ -102,3 +119,15 @@ class QuantResidual(nn.Module):
         if self.act_quantizer is not None:  # e.g. the export's QDQ form
             y = self.act_quantizer(y)
         return y
+
+
+class QuantOutput(nn.Module):
+    """y = Q(module(x)): an activation quantizer on the output of any module (e.g. channel attention)."""
+
+    def __init__(self, module: nn.Module, a_bits: int, a_observer: str = 'mse') -> None:
+        super().__init__()
+        self.module = module
+        self.act_quantizer = LSQActQuantizer(a_bits, a_observer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act_quantizer(self.module(x))

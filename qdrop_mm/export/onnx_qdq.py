@@ -153,8 +153,11 @@ class QDQLayer(nn.Module):
         if self.kind == 'conv':
             self.stride, self.padding = layer.stride, layer.padding
             self.dilation, self.groups = layer.dilation, layer.groups
+        self.norm = copy.deepcopy(getattr(layer, 'norm', None))
         self.activation = copy.deepcopy(layer.activation)
         self.act_quantizer = act_export_form(layer.act_quantizer)
+        if getattr(layer, 'input_quantizer', None) is not None:
+            self.input_quantizer = act_export_form(layer.input_quantizer)
 
     @property
     def storage(self) -> str:
@@ -230,9 +233,10 @@ def _export_layer(layer: QuantLayer, path: str, summary: QDQSummary) -> nn.Modul
     except ValueError as err:
         raise ValueError(f'{path or type(layer).__name__}: {err}') from None
     summary.weights.append((path, new.bits, new.storage))
-    if isinstance(new.act_quantizer, QDQActivation):
-        name = f'{path}.act_quantizer' if path else 'act_quantizer'
-        summary.activations.append((name, new.act_quantizer.bits, new.act_quantizer.storage))
+    for attr in ('input_quantizer', 'act_quantizer'):
+        q = getattr(new, attr, None)
+        if isinstance(q, QDQActivation):
+            summary.activations.append((f'{path}.{attr}' if path else attr, q.bits, q.storage))
     return new
 
 

@@ -4,7 +4,14 @@ A rule (see ``block_rules.py``) is registered for a module type and turns one mo
 quantized replacement, declaring the reconstruction units it creates. The
 walker visits the modules under the configured scope (backbone and neck by
 default); a module without a rule is searched for children, and any
-remaining Conv2d/Linear becomes a layer-wise unit (the fallback).
+remaining Conv2d/Linear becomes a layer-wise unit (the fallback); inside an
+``nn.Sequential`` a conv/linear followed by a BatchNorm (and an activation)
+becomes one layer with the BN folded.
+
+Norms that cannot be folded (GroupNorm, LayerNorm) stay FP between the
+quantized layer and its activation quantizer. After conversion every
+Conv/Linear/attention weight in scope that no rule quantized is listed
+(``ModelPlan.fp_layers``), never skipped silently.
 
 Activation quantizers follow the QDrop spec: on every inner conv(+act)
 output except a block's last conv and its shortcut, on block outputs and on
@@ -13,13 +20,14 @@ features (configurable).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
-from qdrop_mm.core import QuantLayer, QuantResidual, Unit
+from qdrop_mm.core import QuantLayer, QuantOutput, QuantResidual, Unit
 from qdrop_mm.core.methods import CompensationConfig
 from qdrop_mm.core.quant_state import weight_quantizers
 from qdrop_mm.core.qwt import Compensated, wrap_unit
@@ -61,19 +69,31 @@ class PlanContext:
     settings: PTQSettings
     units: List[Unit] = field(default_factory=list)
     compensation: Optional[CompensationConfig] = None
+    layer_paths: List[str] = field(default_factory=list)
+    unfolded_norms: List[Tuple[str, str]] = field(default_factory=list)
     _first_layer_done: bool = False
 
     def layer(self, path: str, layer: nn.Module, bn: Optional[nn.Module] = None,
-              activation: Optional[nn.Module] = None, quantize_output: bool = True) -> QuantLayer:
-        """A QuantLayer with this path's bits; the first one created is the network's first layer."""
+              activation: Optional[nn.Module] = None, quantize_output: bool = True,
+              quantize_input: bool = False) -> QuantLayer:
+        """A QuantLayer with this path's bits; the first one created is the network's first layer.
+
+        ``bn``: a BatchNorm is folded into the weight; any other norm (GroupNorm, LayerNorm, ...) stays
+        FP between the layer and its activation (listed in ``unfolded_norms``). ``quantize_input`` adds
+        an activation quantizer on the layer's input (transformer linears after a LayerNorm).
+        """
         first = not self._first_layer_done
         self._first_layer_done = True
         w_bits, a_bits = self.settings.bits_for(path, first_layer=first)
+        self.layer_paths.append(path)
+        norm = None
         if bn is not None and not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            raise UnsupportedModuleError(f'{path}: only BatchNorm can be folded, found {type(bn).__name__}')
+            bn, norm = None, bn
+            self.unfolded_norms.append((path, type(norm).__name__))
         return QuantLayer(layer, w_bits, bn=bn, activation=activation,
                           a_bits=a_bits if quantize_output else None,
-                          w_observer=self.settings.w_observer, a_observer=self.settings.a_observer)
+                          w_observer=self.settings.w_observer, a_observer=self.settings.a_observer, norm=norm,
+                          in_a_bits=a_bits if quantize_input else None)
 
     def out_bits(self, path: str) -> int:
         return self.settings.bits_for(path, first_layer=False)[1]
@@ -98,45 +118,162 @@ def convert(module: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
         return rule(module, path, ctx)
     if is_plain_layer(module):
         return ctx.add_unit(path, ctx.layer(path, module), 'layer')
-    if isinstance(module, (QuantLayer, QuantResidual, Compensated)):
+    if isinstance(module, (QuantLayer, QuantResidual, QuantOutput, Compensated)):
         return module
+    if isinstance(module, nn.Sequential):
+        _fold_sequential(module, path, ctx)
     ctx.convert_children(module, path)
     return module
+
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def _fold_sequential(seq: nn.Sequential, path: str, ctx: PlanContext) -> None:
+    """conv/linear → norm (→ activation), or conv/linear → activation, inside a Sequential: one layer unit.
+
+    A BatchNorm is folded, another norm stays FP inside the layer; the output is quantized after the
+    activation. The absorbed entries become ``nn.Identity`` so the other entries keep their indices.
+    """
+    names = [n for n, _ in seq.named_children()]
+    i = 0
+    while i < len(names) - 1:
+        j = i + 1
+        norm = seq[j] if isinstance(seq[j], NORM_TYPES) else None
+        j += norm is not None
+        act = seq[j] if j < len(names) and is_activation(seq[j]) else None
+        if not is_plain_layer(seq[i]) or (norm is None and act is None):
+            i += 1
+            continue
+        p = f'{path}.{names[i]}' if path else names[i]
+        seq[i] = ctx.add_unit(p, ctx.layer(p, seq[i], bn=norm, activation=act), 'layer')
+        for k in range(i + 1, j + (act is not None)):
+            seq[k] = nn.Identity()
+        i = j + (act is not None)
+
+
+def is_activation(module: nn.Module) -> bool:
+    """An elementwise activation function module (torch's or mmcv's)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return False
+    mod = type(module).__module__
+    return mod == 'torch.nn.modules.activation' or (
+        mod.startswith('mmcv.cnn.bricks') and type(module).__name__ in ('Swish', 'HSwish', 'HSigmoid', 'GELU'))
 
 
 def is_plain_layer(module: nn.Module) -> bool:
     """A Conv2d/Linear that computes exactly F.conv2d/F.linear (not DCN or another subclass).
 
-    mmcv's ``Conv2d`` wrapper only adds empty-tensor support, so it counts as plain.
+    mmcv's ``Conv2d`` and ``Linear`` wrappers only add empty-tensor support, so they count as plain.
     """
     if type(module) in (nn.Conv2d, nn.Linear):
         return True
-    return (isinstance(module, nn.Conv2d) and type(module).__name__ == 'Conv2d'
+    return (isinstance(module, (nn.Conv2d, nn.Linear)) and type(module).__name__ in ('Conv2d', 'Linear')
             and type(module).__module__.startswith('mmcv.cnn.bricks.wrappers'))
 
 
 @dataclass
+class FPLayer:
+    """A weight layer in scope that no rule quantized: it runs in FP."""
+
+    name: str
+    type: str
+    num_weights: int
+
+
+@dataclass
 class ModelPlan:
-    """The converted model's units in network execution order."""
+    """The converted model's units in network execution order, and what in scope stays FP."""
 
     units: List[Unit]
     uncalled: List[str]
+    fp_layers: List[FPLayer] = field(default_factory=list)
+    unfolded_norms: List[Tuple[str, str]] = field(default_factory=list)
 
     def weight_bits(self) -> Dict[str, int]:
         return {u.name: sorted({q.bits for q in weight_quantizers(u.module)}) for u in self.units}
+
+    def num_weights(self) -> Tuple[int, int]:
+        """(quantized weights, FP weights) in scope."""
+        quantized = sum(q.weight.numel() for u in self.units for q in _quantized_layers(u.module))
+        return quantized, sum(f.num_weights for f in self.fp_layers)
+
+    def fp_summary(self, max_names: int = 5) -> Optional[str]:
+        """One line naming the FP layers with their count and share of the weights; None when there are none."""
+        if not self.fp_layers:
+            return None
+        quantized, fp = self.num_weights()
+        types = Counter(f.type for f in self.fp_layers)
+        names = ', '.join(f.name for f in self.fp_layers[:max_names])
+        more = f' and {len(self.fp_layers) - max_names} more' if len(self.fp_layers) > max_names else ''
+        return (f'{len(self.fp_layers)} weight layer(s) in ptq.scope stay FP, no rule quantizes them '
+                f'({", ".join(f"{n} {t}" for t, n in types.items())}; {fp} weights, '
+                f'{100.0 * fp / max(quantized + fp, 1):.1f}% of the weights in scope): {names}{more}')
+
+
+AUTO_SCOPE = ('backbone', 'neck')
+
+
+def scope_paths(model: nn.Module, scope: Sequence[str]) -> Tuple[str, ...]:
+    """``ptq.scope`` with ``'auto'`` expanded to the backbone and neck the model has (mmseg models often lack a neck)."""
+    paths: List[str] = []
+    for path in scope:
+        if path == 'auto':
+            children = dict(model.named_children())
+            paths += [p for p in AUTO_SCOPE if p in children and p not in paths]
+        elif path not in paths:
+            paths.append(path)
+    return tuple(paths)
 
 
 def resolve_scope(model: nn.Module, scope: Tuple[str, ...]) -> List[Tuple[str, nn.Module]]:
     """Modules named by ``ptq.scope``; a path that does not exist is an error listing what does."""
     found = []
     names = dict(model.named_modules())
-    for path in scope:
+    paths = scope_paths(model, scope)
+    if not paths:
+        raise ValueError(f"ptq.scope 'auto' found neither a backbone nor a neck in {type(model).__name__}; "
+                         f'name the modules to quantize, top-level modules are {sorted(dict(model.named_children()))}')
+    for path in paths:
         if path not in names or path == '':
             top = sorted(n for n, _ in model.named_children())
             raise ValueError(f'ptq.scope entry {path!r} matches no module of {type(model).__name__}; '
                              f'top-level modules are {top}')
         found.append((path, names[path]))
     return found
+
+
+WEIGHT_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
+
+
+def find_fp_layers(model: nn.Module, scope: Sequence[str]) -> List[FPLayer]:
+    """Conv/Linear/attention layers (and any other module with a >= 2-D weight) under ``scope`` left in FP."""
+    fp: List[FPLayer] = []
+    for root in scope_paths(model, scope):
+        skip: Tuple[str, ...] = ()
+        for name, m in model.get_submodule(root).named_modules(prefix=root):
+            if skip and name.startswith(skip):
+                continue
+            if isinstance(m, QuantLayer) or type(m).__name__ == 'QDQLayer':
+                skip = (f'{name}.',)
+                continue
+            weight = m._parameters.get('weight')
+            if isinstance(m, WEIGHT_LAYER_TYPES) or (
+                    weight is not None and weight.dim() >= 2 and not isinstance(m, nn.Embedding)):
+                recurse = isinstance(m, nn.MultiheadAttention)
+                weights = [p for p in m.parameters(recurse=recurse) if p.dim() >= 2]
+                fp.append(FPLayer(name, type(m).__name__, sum(p.numel() for p in weights)))
+                if recurse:
+                    skip = (f'{name}.',)
+    return fp
+
+
+def check_overrides(settings: PTQSettings, layer_paths: Sequence[str], scope: Sequence[str]) -> None:
+    """Every ``ptq.overrides`` path must match at least one quantized layer."""
+    for ov in settings.overrides:
+        if not any(p == ov.prefix or p.startswith(ov.prefix + '.') for p in layer_paths):
+            raise ValueError(f'ptq.overrides path {ov.prefix!r} matches no quantized layer in ptq.scope '
+                             f'{list(scope)} (e.g. {list(layer_paths[:3])}); use a module path under the scope')
 
 
 def plan_model(model: nn.Module, settings: PTQSettings,
@@ -154,8 +291,10 @@ def plan_model(model: nn.Module, settings: PTQSettings,
             setattr(parent, name, new)
     if not ctx.units:
         raise ValueError(f'ptq.scope {list(settings.scope)} contains no Conv2d/Linear layer to quantize')
+    check_overrides(settings, ctx.layer_paths, scope_paths(model, settings.scope))
+    fp_layers = find_fp_layers(model, settings.scope)
     if example_forward is None:
-        return ModelPlan(list(ctx.units), [])
+        return ModelPlan(list(ctx.units), [], fp_layers, list(ctx.unfolded_norms))
     order: Dict[int, int] = {}
     handles = [u.module.register_forward_pre_hook(_first_call_recorder(order, id(u.module))) for u in ctx.units]
     try:
@@ -167,7 +306,11 @@ def plan_model(model: nn.Module, settings: PTQSettings,
     called = [u for u in ctx.units if id(u.module) in order]
     called.sort(key=lambda u: order[id(u.module)])
     uncalled = [u.name for u in ctx.units if id(u.module) not in order]
-    return ModelPlan(called, uncalled)
+    return ModelPlan(called, uncalled, fp_layers, list(ctx.unfolded_norms))
+
+
+def _quantized_layers(module: nn.Module) -> List[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, QuantLayer)]
 
 
 def _first_call_recorder(order: Dict[int, int], key: int):

@@ -1,6 +1,11 @@
 """Rules for OpenMMLab module types: ResNet/ResNeXt blocks and stems (mmdet and
 mmseg, incl. dilated ResNetV1c), MobileNetV2 inverted residuals, mmcv
-ConvModule and FPN. Importing this module registers them.
+ConvModule / DepthwiseSeparableConvModule, FPN, CSPNeXt/CSPDarknet (CSP layers
+with their bottlenecks, SPP), YOLOX/CSPNeXt PAFPN, the HRNet stem, and the
+transformer parts of Swin and MiT: patch embedding/merging, window attention,
+``nn.MultiheadAttention`` (q/k/v/out projections quantized), FFN / MixFFN as
+block units. Transformer linears get activation quantizers at their inputs.
+Importing this module registers them.
 """
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from typing import Optional
 
 from torch import nn
 
-from qdrop_mm.core import QuantLayer, QuantResidual
+from qdrop_mm.core import QuantLayer, QuantOutput, QuantResidual
+from qdrop_mm.core.qattention import QuantMultiheadAttention
 
-from .block_plan import PlanContext, UnsupportedModuleError, convert, is_plain_layer, register_rule
+from .block_plan import PlanContext, UnsupportedModuleError, convert, is_activation, is_plain_layer, register_rule
 
 
 def _plain(layer: nn.Module, path: str) -> nn.Module:
@@ -123,11 +129,192 @@ def _fpn(neck: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     return neck
 
 
+def _depthwise_separable(m: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> nn.Module:
+    """mmcv DepthwiseSeparableConvModule, converted in place: depthwise output quantized, pointwise as asked."""
+    m.depthwise_conv = _conv_module_layer(m.depthwise_conv, f'{path}.depthwise_conv', ctx, quantize_output=True)
+    m.pointwise_conv = _conv_module_layer(m.pointwise_conv, f'{path}.pointwise_conv', ctx, quantize_output)
+    return m
+
+
+def _conv_like(m: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> nn.Module:
+    """A ConvModule or DepthwiseSeparableConvModule as quantized layers (no unit declared)."""
+    if _DEPTHWISE_SEPARABLE is not None and isinstance(m, _DEPTHWISE_SEPARABLE):
+        return _depthwise_separable(m, path, ctx, quantize_output)
+    return _conv_module_layer(m, path, ctx, quantize_output)
+
+
+def _depthwise_separable_unit(m: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    return ctx.add_unit(path, _depthwise_separable(m, path, ctx, quantize_output=True), 'block')
+
+
+def _csp_bottleneck(block: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """DarknetBottleneck / CSPNeXtBlock in place: conv1 → conv2 (+ identity), output quantized once."""
+    residual = bool(block.add_identity)
+    block.conv1 = _conv_like(block.conv1, f'{path}.conv1', ctx, quantize_output=True)
+    block.conv2 = _conv_like(block.conv2, f'{path}.conv2', ctx, quantize_output=not residual)
+    return QuantOutput(block, ctx.out_bits(path), ctx.settings.a_observer) if residual else block
+
+
+def _csp_bottleneck_unit(block: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    return ctx.add_unit(path, _csp_bottleneck(block, path, ctx), 'block')
+
+
+def _csp_layer(layer: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """CSPLayer (CSPNeXt, CSPDarknet, their PAFPNs) as one block unit, converted in place.
+
+    short/main/final convs and every bottleneck output are quantized; with channel attention its
+    1x1 conv is quantized (FP output into the hard sigmoid) and the re-weighted features are
+    quantized before the final conv.
+    """
+    layer.short_conv = _conv_like(layer.short_conv, f'{path}.short_conv', ctx, quantize_output=True)
+    layer.main_conv = _conv_like(layer.main_conv, f'{path}.main_conv', ctx, quantize_output=True)
+    for i, block in enumerate(layer.blocks):
+        layer.blocks[i] = _csp_bottleneck(block, f'{path}.blocks.{i}', ctx)
+    if getattr(layer, 'channel_attention', False):
+        att = layer.attention
+        att.fc = ctx.layer(f'{path}.attention.fc', _plain(att.fc, f'{path}.attention.fc'), quantize_output=False)
+        layer.attention = QuantOutput(att, ctx.out_bits(path), ctx.settings.a_observer)
+    layer.final_conv = _conv_like(layer.final_conv, f'{path}.final_conv', ctx, quantize_output=True)
+    return ctx.add_unit(path, layer, 'block')
+
+
+def _spp_bottleneck(spp: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """SPPBottleneck in place as one block: conv1 → max pools (stay on the grid) → concat → conv2."""
+    spp.conv1 = _conv_like(spp.conv1, f'{path}.conv1', ctx, quantize_output=True)
+    spp.conv2 = _conv_like(spp.conv2, f'{path}.conv2', ctx, quantize_output=True)
+    return ctx.add_unit(path, spp, 'block')
+
+
+def _pafpn(neck: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """YOLOX / CSPNeXt PAFPN: CSP layers as blocks, convs as layers; output convs keep FP outputs by default."""
+    for name in ('reduce_layers', 'top_down_blocks', 'downsamples', 'bottom_up_blocks'):
+        ctx.convert_children(getattr(neck, name), f'{path}.{name}')
+    for i, conv in enumerate(neck.out_convs):
+        p = f'{path}.out_convs.{i}'
+        single = not (_DEPTHWISE_SEPARABLE is not None and isinstance(conv, _DEPTHWISE_SEPARABLE))
+        neck.out_convs[i] = ctx.add_unit(p, _conv_like(conv, p, ctx, ctx.settings.quantize_fpn_outputs),
+                                         'layer' if single else 'block')
+    return neck
+
+
+def _hrnet(backbone: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """HRNet: the two stem convs with their BNs folded, then the rest through the walker.
+
+    Branch blocks are ResNet blocks (their rules); transition and fuse layers are Sequentials whose
+    conv → BN (→ ReLU) runs become layer units with the BN folded.
+    """
+    relu = backbone.relu
+    for conv_name, norm_name in (('conv1', backbone.norm1_name), ('conv2', backbone.norm2_name)):
+        p = f'{path}.{conv_name}'
+        layer = ctx.layer(p, _plain(getattr(backbone, conv_name), p), bn=getattr(backbone, norm_name),
+                          activation=relu)
+        setattr(backbone, conv_name, ctx.add_unit(p, layer, 'layer'))
+        setattr(backbone, norm_name, nn.Identity())
+    backbone.relu = nn.Identity()
+    ctx.convert_children(backbone, path)
+    return backbone
+
+
+def _multihead_attention(mha: nn.MultiheadAttention, path: str, ctx: PlanContext) -> nn.Module:
+    """nn.MultiheadAttention → QuantMultiheadAttention; each projection a layer unit with a quantized input.
+
+    q/k/v outputs (the attention matmul inputs) are quantized; the output projection's output stays FP
+    (it joins the residual stream).
+    """
+    def projection(name: str, linear: nn.Linear) -> nn.Module:
+        p = f'{path}.{name}'
+        layer = ctx.layer(p, linear, quantize_output=name != 'out_proj', quantize_input=True)
+        return ctx.add_unit(p, layer, 'layer')
+    try:
+        return QuantMultiheadAttention(mha, projection)
+    except ValueError as err:
+        raise UnsupportedModuleError(f'{path}: {err}') from None
+
+
+def _window_msa(attn: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """Swin WindowMSA in place: qkv (quantized input and output) and proj (quantized input) as layer units."""
+    for name, out in (('qkv', True), ('proj', False)):
+        p = f'{path}.{name}'
+        layer = ctx.layer(p, _plain(getattr(attn, name), p), quantize_output=out, quantize_input=True)
+        setattr(attn, name, ctx.add_unit(p, layer, 'layer'))
+    return attn
+
+
+def _mlp(seq: nn.Sequential, path: str, ctx: PlanContext) -> nn.Sequential:
+    """An MLP Sequential (nested allowed) in place: the first layer quantizes its input, inner layers their
+    output after the activation that follows them, the last layer's output stays FP (residual stream)."""
+    slots = []
+
+    def collect(s: nn.Module, p: str) -> None:
+        for i, (n, m) in enumerate(s.named_children()):
+            if isinstance(m, nn.Sequential):
+                collect(m, f'{p}.{n}')
+            else:
+                slots.append((s, i, f'{p}.{n}'))
+    collect(seq, path)
+    layers = [k for k, (s, i, _) in enumerate(slots) if is_plain_layer(s[i])]
+    if not layers:
+        raise UnsupportedModuleError(f'{path}: no plain Linear/Conv2d in this MLP')
+    for n, k in enumerate(layers):
+        s, i, p = slots[k]
+        nxt = slots[k + 1] if k + 1 < len(slots) else None
+        act = nxt[0][nxt[1]] if nxt is not None and is_activation(nxt[0][nxt[1]]) else None
+        s[i] = ctx.layer(p, s[i], activation=act, quantize_output=n < len(layers) - 1, quantize_input=n == 0)
+        if act is not None:
+            nxt[0][nxt[1]] = nn.Identity()
+    return seq
+
+
+def _ffn(ffn: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """mmcv FFN (Swin) / mmseg MixFFN (MiT): its ``layers`` Sequential as one block unit."""
+    ffn.layers = ctx.add_unit(f'{path}.layers', _mlp(ffn.layers, f'{path}.layers', ctx), 'block')
+    return ffn
+
+
+def _patch_embed(pe: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """mmcv PatchEmbed: the projection conv as a layer unit with FP output (a LayerNorm follows)."""
+    p = f'{path}.projection'
+    pe.projection = ctx.add_unit(p, ctx.layer(p, _plain(pe.projection, p), quantize_output=False), 'layer')
+    return pe
+
+
+def _patch_merging(pm: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """mmcv PatchMerging: the reduction linear (after a LayerNorm) with a quantized input, FP output."""
+    p = f'{path}.reduction'
+    layer = ctx.layer(p, _plain(pm.reduction, p), quantize_output=False, quantize_input=True)
+    pm.reduction = ctx.add_unit(p, layer, 'layer')
+    return pm
+
+
+def _efficient_mha(attn: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """MiT EfficientMultiheadAttention: the spatial-reduction conv (FP output, a LayerNorm follows) and the
+    attention (its projections quantize their inputs)."""
+    if getattr(attn, 'sr_ratio', 1) > 1:
+        p = f'{path}.sr'
+        attn.sr = ctx.add_unit(p, ctx.layer(p, _plain(attn.sr, p), quantize_output=False), 'layer')
+    attn.attn = _multihead_attention(attn.attn, f'{path}.attn', ctx)
+    return attn
+
+
+_DEPTHWISE_SEPARABLE: Optional[type] = None
+
+
 def register_openmmlab_rules() -> None:
     """Register rules for whichever of mmcv / mmdet / mmseg are installed."""
+    global _DEPTHWISE_SEPARABLE
+    register_rule(nn.MultiheadAttention)(_multihead_attention)
     try:
-        from mmcv.cnn import ConvModule
+        from mmcv.cnn.bricks.transformer import FFN, PatchEmbed, PatchMerging
+        register_rule(FFN)(_ffn)
+        register_rule(PatchEmbed)(_patch_embed)
+        register_rule(PatchMerging)(_patch_merging)
+    except ImportError:
+        pass
+    try:
+        from mmcv.cnn import ConvModule, DepthwiseSeparableConvModule
         register_rule(ConvModule)(_conv_module)
+        register_rule(DepthwiseSeparableConvModule)(_depthwise_separable_unit)
+        _DEPTHWISE_SEPARABLE = DepthwiseSeparableConvModule
     except ImportError:
         pass
     try:
@@ -141,6 +328,24 @@ def register_openmmlab_rules() -> None:
     except ImportError:
         pass
     try:
+        from mmdet.models.backbones.csp_darknet import SPPBottleneck
+        from mmdet.models.backbones.hrnet import HRNet
+        from mmdet.models.layers.csp_layer import CSPLayer, CSPNeXtBlock, DarknetBottleneck
+        from mmdet.models.necks import CSPNeXtPAFPN, YOLOXPAFPN
+        register_rule(CSPLayer)(_csp_layer)
+        register_rule(DarknetBottleneck, CSPNeXtBlock)(_csp_bottleneck_unit)
+        register_rule(SPPBottleneck)(_spp_bottleneck)
+        register_rule(YOLOXPAFPN, CSPNeXtPAFPN)(_pafpn)
+        register_rule(HRNet)(_hrnet)
+        from mmdet.models.backbones.swin import WindowMSA
+        from mmdet.models.layers.transformer.utils import PatchEmbed as DetPatchEmbed
+        from mmdet.models.layers.transformer.utils import PatchMerging as DetPatchMerging
+        register_rule(WindowMSA)(_window_msa)
+        register_rule(DetPatchEmbed)(_patch_embed)
+        register_rule(DetPatchMerging)(_patch_merging)
+    except ImportError:
+        pass
+    try:
         from mmseg.models.backbones.resnet import BasicBlock as SegBasicBlock
         from mmseg.models.backbones.resnet import Bottleneck as SegBottleneck
         from mmseg.models.backbones.resnet import ResNet as SegResNet
@@ -148,6 +353,17 @@ def register_openmmlab_rules() -> None:
         register_rule(SegBasicBlock, SegBottleneck)(_resnet_block)
         register_rule(SegResNet)(_resnet_stem)
         register_rule(SegInvertedResidual)(_mmseg_inverted_residual)
+        from mmseg.models.backbones.hrnet import HRNet as SegHRNet
+        register_rule(SegHRNet)(_hrnet)
+        from mmseg.models.backbones.mit import EfficientMultiheadAttention, MixFFN
+        from mmseg.models.backbones.swin import WindowMSA as SegWindowMSA
+        register_rule(MixFFN)(_ffn)
+        register_rule(EfficientMultiheadAttention)(_efficient_mha)
+        from mmseg.models.utils.embed import PatchEmbed as SegPatchEmbed
+        from mmseg.models.utils.embed import PatchMerging as SegPatchMerging
+        register_rule(SegWindowMSA)(_window_msa)
+        register_rule(SegPatchEmbed)(_patch_embed)
+        register_rule(SegPatchMerging)(_patch_merging)
     except ImportError:
         pass
 

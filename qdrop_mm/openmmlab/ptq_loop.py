@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -40,9 +41,10 @@ from mmengine.utils import ProgressBar
 
 from qdrop_mm.core import NonFiniteLossError, PTQCallbacks, PTQResult, Unit, UnitRecord, run_ptq
 from qdrop_mm.core.methods import MethodConfig
+from qdrop_mm.core.quant_state import act_quantizers
 
 from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
-from .block_plan import ModelPlan, plan_model, resolve_scope
+from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
 from .calibration import build_calibration_batches, check_dataset_paths, feature_forward, num_images
 from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
 from .prediction_tail import UnsupportedHeadError, build_prediction_source, select_predict_fn
@@ -84,6 +86,34 @@ def rebuild_quantized(model: torch.nn.Module, path: str, settings: PTQSettings) 
         raise PTQConfigError(f'{path} does not fit this model: {len(missing)} missing keys (e.g. {missing[:3]}), '
                              f'{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})')
     return settings, plan
+
+
+def log_plan_coverage(logger, plan: ModelPlan) -> None:
+    """WARNING for every weight layer in scope left FP; INFO for norms kept FP (not foldable)."""
+    line = plan.fp_summary()
+    if line:
+        logger.warning(line + ' (all listed under fp_layers in ptq_report.json)')
+    if plan.unfolded_norms:
+        kinds = sorted({t for _, t in plan.unfolded_norms})
+        logger.info(f'{len(plan.unfolded_norms)} norm(s) that cannot be folded ({", ".join(kinds)}) stay FP between '
+                    f'their quantized layer and its activation quantizer, e.g. {plan.unfolded_norms[0][0]}')
+
+
+def drop_weight_swapping_hooks(runner) -> List[str]:
+    """Remove hooks that swap FP weight copies into the model around the test loop (mmengine's EMAHook).
+
+    RTMDet/YOLOX configs register EMAHook, which keeps an FP copy of every parameter and swaps it in
+    before testing: with a quantized model the structures differ and the swap fails (or would put FP
+    weights back). The checkpoint's ``state_dict`` already holds the EMA weights (mmengine swaps them
+    in when saving), so without the hook the same weights are quantized and evaluated.
+    """
+    from mmengine.hooks import EMAHook
+    removed = [type(h).__name__ for h in runner._hooks if isinstance(h, EMAHook)]
+    if removed:
+        runner._hooks[:] = [h for h in runner._hooks if not isinstance(h, EMAHook)]
+        runner.logger.warning(f'removed training-only hook(s) {removed}: they swap FP weight copies into the model '
+                              f'at test time; the checkpoint state_dict already holds the EMA weights')
+    return removed
 
 
 class NonFiniteUnitError(PTQError, FloatingPointError):
@@ -134,6 +164,11 @@ class LoggingCallbacks(PTQCallbacks):
                          f'(closed form, {r.seconds:.2f} s{kept})')
 
 
+    def compensation_not_possible(self, unit: Unit) -> None:
+        self.logger.warning(f'[QwT] {unit.name}: left uncompensated: its input or output is not an NCHW feature map '
+                            f'a strided 1x1 conv can map (e.g. transformer tokens)')
+
+
 class ResumableCallbacks(LoggingCallbacks):
     """Logging plus: skipping restored units, saving the resume state after calibration and each unit."""
 
@@ -158,7 +193,8 @@ class ResumableCallbacks(LoggingCallbacks):
         if not self.manifest.get('calibrated'):
             self.manifest['calibrated'] = True
             rngs = all_gather_object(rng_state())  # collective: every rank calls it
-            state = scope_state_dict(self.model, self.settings.scope) if self.store.writer else {}
+            state = scope_state_dict(self.model, scope_paths(self.model, self.settings.scope)) \
+                if self.store.writer else {}
             self.store.save('calibration', state, self.manifest, rngs)
             self.manifest = dict(self.store.manifest)
 
@@ -219,6 +255,7 @@ class PTQLoop(TestLoop):
         self.store = ResumeStore(runner.work_dir, writer=is_main_process())
         self.resumed_units = 0
         runner.register_hook(_CheckpointFitHook(self))
+        drop_weight_swapping_hooks(runner)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -258,10 +295,17 @@ class PTQLoop(TestLoop):
             self.plan = plan_model(model, settings, lambda: feature_forward(model, batches[0]))
         except ValueError as err:
             raise PTQConfigError(str(err)) from None
-        logger.info(f'block plan: {len(self.plan.units)} units in {list(settings.scope)} '
+        logger.info(f'block plan: {len(self.plan.units)} units in {list(scope_paths(model, settings.scope))} '
                     f'({sum(u.kind == "block" for u in self.plan.units)} blocks); method {method.name}, '
                     f'{len(method.stages)} stage(s)')
+        log_plan_coverage(logger, self.plan)
         if self.plan.uncalled:
+            unseen = [n for n in self.plan.uncalled if act_quantizers(model.get_submodule(n))]
+            if unseen:
+                raise PTQConfigError(
+                    f'ptq.scope: {len(unseen)} unit(s) with activation quantizers are not run by the calibration '
+                    f'forward (the model\'s extract_feat: backbone and neck), e.g. {unseen[:3]}; heads cannot be '
+                    f'quantized yet: remove them from ptq.scope')
             logger.warning(f'not on the feature path, quantized by rounding only: {self.plan.uncalled}')
         fingerprint = {'settings': settings.to_dict(), 'units': [u.name for u in self.plan.units],
                        'checkpoint': checkpoint_identity(getattr(self.runner, '_load_from', None)),
@@ -323,7 +367,8 @@ class PTQLoop(TestLoop):
         if allowed:
             logger.warning(f'resuming with changed settings (finished units keep the old ones): {allowed}')
         states = store.load_states(manifest)
-        load_scope_state(self.model, [s['state_dict'] for s in states], self.settings.scope, store.dir)
+        load_scope_state(self.model, [s['state_dict'] for s in states],
+                         scope_paths(self.model, self.settings.scope), store.dir)
         rngs = states[-1]['rng']
         set_rng_state(rngs[get_rank()] if isinstance(rngs, list) else rngs)
         store.manifest = dict(manifest, fingerprint=fingerprint, status='running')
@@ -357,6 +402,7 @@ class PTQLoop(TestLoop):
         """Rebuild the quantized structure and load a saved quantized state dict."""
         self.settings, self.plan = rebuild_quantized(self.model, path, self.settings)
         self.runner.logger.info(f'loaded quantized model from {path}')
+        log_plan_coverage(self.runner.logger, self.plan)
         return {'result': None, 'timings': {}}
 
     def run(self) -> dict:
@@ -375,7 +421,9 @@ class PTQLoop(TestLoop):
         if done['result'] is not None and any(r.result.extra for r in done['result'].records):
             extra['prediction_loss'] = [{'name': r.name, 'stage': r.stage, **r.result.extra}
                                         for r in done['result'].records if r.result.extra]
-        report = build_report(self.settings, self.plan.units, done['result'], metrics, timings, extra=extra)
+        report = build_report(self.settings, self.plan.units, done['result'], metrics, timings, extra=extra,
+                              fp_layers=[asdict(f) for f in self.plan.fp_layers],
+                              unfolded_norms=self.plan.unfolded_norms)
         if is_main_process():
             if report['units']:
                 report['plots'] = write_report_plots(report, self.runner.work_dir, self.runner.logger.warning)

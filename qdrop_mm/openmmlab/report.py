@@ -18,21 +18,38 @@ def unit_bits(unit: Unit) -> Dict[str, List[int]]:
             'a_bits': sorted({q.bits for q in act_quantizers(unit.module)})}
 
 
-def bits_summary(units: Sequence[Unit]) -> Dict[str, Any]:
-    """Average bits over the units: weights weighted by weight count, activations by quantizer count."""
+FP_BITS = 32
+
+
+def bits_summary(units: Sequence[Unit], num_fp_weights: int = 0) -> Dict[str, Any]:
+    """Average bits over the units: weights weighted by weight count, activations by quantizer count.
+
+    ``num_fp_weights`` (weights in scope left FP) count as 32-bit in ``avg_w_bits_fp_as_32``;
+    ``quantized_weight_share`` is the fraction of the weights in scope that are quantized.
+    """
     w = merge_counts(weight_bit_counts(u.module) for u in units)
     a = merge_counts(act_bit_counts(u.module) for u in units)
     avg_w, avg_a = average_bits(w), average_bits(a)
+    n_q = sum(w.values())
+    with_fp = average_bits(merge_counts([w, {FP_BITS: num_fp_weights}] if num_fp_weights else [w]))
     return {'avg_w_bits_weighted_by_num_weights': round(avg_w, 4) if avg_w is not None else None,
+            'avg_w_bits_fp_as_32': round(with_fp, 4) if with_fp is not None else None,
+            'quantized_weight_share': round(n_q / (n_q + num_fp_weights), 4) if n_q + num_fp_weights else None,
+            'num_fp_weights': num_fp_weights,
             'avg_a_bits_weighted_by_num_act_quantizers': round(avg_a, 4) if avg_a is not None else None,
             'num_weights_per_bits': {str(b): n for b, n in sorted(w.items())},
             'num_act_quantizers_per_bits': {str(b): n for b, n in sorted(a.items())}}
 
 
 def build_report(settings: PTQSettings, units: Sequence[Unit], result: Optional[PTQResult],
-                 metrics: Dict[str, Any], timings: Dict[str, float], extra: Optional[Dict[str, Any]] = None
+                 metrics: Dict[str, Any], timings: Dict[str, float], extra: Optional[Dict[str, Any]] = None,
+                 fp_layers: Sequence[Dict[str, Any]] = (), unfolded_norms: Sequence[Sequence[str]] = ()
                  ) -> Dict[str, Any]:
-    """A JSON-ready dict; ``metrics`` keeps the evaluator's own keys (e.g. coco/bbox_mAP, mIoU)."""
+    """A JSON-ready dict; ``metrics`` keeps the evaluator's own keys (e.g. coco/bbox_mAP, mIoU).
+
+    ``fp_layers`` (name, type, num_weights) are the weight layers in scope left FP; ``unfolded_norms``
+    (layer path, norm type) the norms kept FP after their quantized layer.
+    """
     by_name = {u.name: u for u in units}
     rows = []
     for rec in (result.records if result else []):
@@ -51,7 +68,9 @@ def build_report(settings: PTQSettings, units: Sequence[Unit], result: Optional[
         'units': rows,
         'plan': [{'name': u.name, 'kind': u.kind, **unit_bits(u),
                   'num_weights': sum(weight_bit_counts(u.module).values())} for u in units],
-        'bits': bits_summary(units),
+        'bits': bits_summary(units, sum(f['num_weights'] for f in fp_layers)),
+        'fp_layers': [dict(f) for f in fp_layers],
+        'unfolded_norms': [list(n) for n in unfolded_norms],
         'plots': [],
         'timings': {k: round(v, 3) for k, v in timings.items()},
     }
@@ -123,9 +142,18 @@ def format_summary(report: Dict[str, Any], max_rows: int = SUMMARY_MAX_ROWS) -> 
         a_avg = bits['avg_a_bits_weighted_by_num_act_quantizers']
         overrides = ', '.join(f"{prefix} " + ''.join(f'{k[0]}{v}' for k, v in b.items() if v)
                               for prefix, b in (s.get('overrides') or {}).items())
-        lines.append(f"average bits: weights {bits['avg_w_bits_weighted_by_num_weights']:.3f} (per weight, "
-                     f"{n_w} weights), activations {'-' if a_avg is None else f'{a_avg:.3f}'} "
+        share = bits.get('quantized_weight_share')
+        fp_part = '' if not bits.get('num_fp_weights') else (
+            f"; {100 * share:.1f}% of the weights in scope quantized, {bits['avg_w_bits_fp_as_32']:.3f} counting "
+            f"the {bits['num_fp_weights']} FP weights as 32-bit")
+        lines.append(f"average bits: weights {bits['avg_w_bits_weighted_by_num_weights']:.3f} (per quantized weight, "
+                     f"{n_w} weights{fp_part}), activations {'-' if a_avg is None else f'{a_avg:.3f}'} "
                      f"(per quantizer, {n_a} quantizers)" + (f'; overrides: {overrides}' if overrides else ''))
+    fp_layers = report.get('fp_layers') or []
+    if fp_layers:
+        lines.append(f"left FP (no rule quantizes them): {len(fp_layers)} layer(s), "
+                     f"{sum(f['num_weights'] for f in fp_layers)} weights, e.g. "
+                     + ', '.join(f"{f['name']} ({f['type']})" for f in fp_layers[:3]))
     rows = report['units']
     if rows:
         shown = rows

@@ -59,7 +59,7 @@ class PTQSettings:
     num_images: int = 256
     batch_size: int = 2
     seed: int = 0
-    scope: Tuple[str, ...] = ('backbone', 'neck')
+    scope: Tuple[str, ...] = ('auto',)
     quantize_fpn_outputs: bool = False
     overrides: Tuple[BitOverride, ...] = ()
     method_options: Dict[str, Any] = field(default_factory=dict)
@@ -104,7 +104,7 @@ class PTQSettings:
         if isinstance(scope, str):
             scope = (scope,)
         if not scope or not all(isinstance(s, str) and s for s in scope):
-            raise PTQConfigError(f'ptq.scope must be a non-empty list of module paths, got {scope!r}')
+            raise PTQConfigError(f"ptq.scope must be 'auto' or a non-empty list of module paths, got {scope!r}")
         kw['scope'] = tuple(scope)
         kw['overrides'] = tuple(_override(k, v) for k, v in _flatten_overrides(cfg.get('overrides', {})).items())
         opts = dict(cfg.get('method_options', {}))

@@ -219,3 +219,24 @@ def test_wrapper_buffers_follow_the_unit_device():
     unit = QuantLayer(nn.Conv2d(3, 4, 3, padding=1), 4, a_bits=4).to('meta')
     wrapper = wrap_unit(unit)
     assert wrapper.compensation_stride.device.type == 'meta'
+
+
+def test_token_units_are_reported_not_compensable():
+    from torch import nn
+    from qdrop_mm.core import PTQCallbacks, QuantLayer, Unit
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantLayer(nn.Linear(8, 8), 4, a_bits=4, w_observer='minmax', a_observer='minmax'))
+    units = [Unit('0', model[0], 'layer')]
+
+    class Seen(PTQCallbacks):
+        skipped, fitted = [], []
+
+        def compensation_not_possible(self, unit):
+            self.skipped.append(unit.name)
+
+        def after_compensation(self, record):
+            self.fitted.append(record.name)
+    cb = Seen()
+    result = run_ptq(model, units, [torch.randn(2, 5, 8) for _ in range(2)], lambda m, b: m(b),
+                     build_method('qwt'), cb)
+    assert cb.skipped == ['0'] and cb.fitted == [] and result.records == []

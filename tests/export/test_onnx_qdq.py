@@ -129,3 +129,18 @@ def test_refuses_soft_rounding_uncalibrated_and_dropping(hardened_toy):
     quantize_toy_net(fresh, 4, 4)
     with pytest.raises(ValueError, match='not calibrated'):
         to_qdq(fresh)
+
+
+def test_fp_norm_and_input_quantizer_are_exported():
+    torch.manual_seed(0)
+    layer = QuantLayer(nn.Conv2d(4, 8, 3, padding=1), 4, norm=nn.GroupNorm(2, 8), activation=nn.ReLU(),
+                       a_bits=4, in_a_bits=4, w_observer='minmax')
+    layer.weight_quantizer.init_rounding(layer.weight)
+    layer.weight_quantizer.set_mode('hard')
+    layer.input_quantizer = _calibrated(4, 0.05, 8)
+    layer.act_quantizer = _calibrated(4, 0.1, 0)
+    exported, summary = to_qdq(layer)
+    assert isinstance(exported.norm, nn.GroupNorm) and isinstance(exported.input_quantizer, QDQActivation)
+    assert [name for name, _, _ in summary.activations] == ['input_quantizer', 'act_quantizer']
+    x = torch.randn(2, 4, 6, 6)
+    assert torch.allclose(exported(x), layer(x), atol=1e-6)
