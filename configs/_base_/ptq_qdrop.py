@@ -15,6 +15,8 @@ ptq = dict(
     scope='auto',            # backbone and neck (whichever the model has); heads stay FP, as in the authors' protocol
     quantize_fpn_outputs=False,   # FPN output convs: weights quantized, outputs FP
     overrides=dict(),        # e.g. {'backbone.layer4': dict(w_bits=8)}
-    method_options=dict(),   # e.g. dict(round_weight=0.01, w_lr=1e-3, a_lr=4e-5, warmup=0.2)
+    method_options=dict(),   # e.g. dict(schedule='paper', round_weight=0.01, w_lr=1e-3, a_lr=4e-5, warmup=0.2)
+    act_calibration='fp',    # 'quantized': activation ranges observed behind the already quantized units
+    holdout_images=0,        # > 0: also report the feature error on that many held-out train images
     cache=dict(dtype='float32', device_budget_gb='auto', host_budget_gb=16, spill=True),  # unit input/target cache
 )

@@ -78,7 +78,7 @@ class StageConfig:
     early_stop_after: float = 0.5
     compile: bool = False
     accum_steps: int = 1
-    schedule: str = 'paper'
+    schedule: str = 'budget'
     learn_bias: bool = False
     b_lr: float = 1e-3
 

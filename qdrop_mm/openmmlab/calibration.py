@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import os.path as osp
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import ConfigDict
@@ -122,3 +122,20 @@ def feature_forward(model: nn.Module, batch: dict) -> Any:
 
 def num_images(batches: List[dict]) -> int:
     return sum(len(b['inputs']) for b in batches)
+
+
+def split_batches(batches: Sequence[dict], n_images: int) -> Tuple[List[dict], List[dict]]:
+    """The first ``n_images`` images of ``batches`` and the rest, splitting a batch where needed."""
+    first, rest, seen = [], [], 0
+    for batch in batches:
+        n = len(batch['inputs'])
+        take = min(n, max(n_images - seen, 0))
+        if take == n:
+            first.append(batch)
+        elif take == 0:
+            rest.append(batch)
+        else:
+            first.append({k: v[:take] for k, v in batch.items()})
+            rest.append({k: v[take:] for k, v in batch.items()})
+        seen += take
+    return first, rest

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -41,11 +41,13 @@ from mmengine.utils import ProgressBar
 
 from qdrop_mm.core import NonFiniteLossError, PTQCallbacks, PTQResult, Unit, UnitRecord, run_ptq
 from qdrop_mm.core.methods import MethodConfig
-from qdrop_mm.core.quant_state import act_quantizers
+from qdrop_mm.core.quant_state import act_quantizers, quant_state
+from qdrop_mm.core.sensitivity import output_tensors, relative_output_error
 
 from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
 from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
-from .calibration import build_calibration_batches, check_dataset_paths, feature_forward, num_images
+from .calibration import (build_calibration_batches, check_dataset_paths, feature_forward, images_for_this_rank,
+                          num_images, split_batches)
 from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
 from .prediction_tail import UnsupportedHeadError, build_prediction_source, select_predict_fn
 from .registry import LOOPS
@@ -285,9 +287,12 @@ class PTQLoop(TestLoop):
         manifest = self._start_or_resume()
         t0 = time.perf_counter()
         seed_everything(settings.seed)
-        batches = build_calibration_batches(self.runner.cfg, settings)
+        batches = build_calibration_batches(
+            self.runner.cfg, replace(settings, num_images=settings.num_images + settings.holdout_images))
+        batches, held_out = split_batches(batches, images_for_this_rank(settings.num_images))
         logger.info(f'calibration: {num_images(batches)} train images in {len(batches)} batches of '
-                    f'{settings.batch_size}, input shapes {sorted({tuple(b["inputs"][0].shape) for b in batches})[:3]}')
+                    f'{settings.batch_size}, input shapes {sorted({tuple(b["inputs"][0].shape) for b in batches})[:3]}'
+                    + (f'; {num_images(held_out)} held-out train images for the feature-error check' if held_out else ''))
         t1 = time.perf_counter()
         model.eval()
         fp_model = copy.deepcopy(model) if method.prediction is not None else None  # PD-Quant's DC needs the BNs
@@ -333,6 +338,7 @@ class PTQLoop(TestLoop):
         except NonFiniteLossError as err:
             raise self._non_finite(err, callbacks, method) from None
         result = PTQResult(result.method, sorted(callbacks.records, key=self._record_order))
+        feature_error = self._feature_error(batches, held_out) if held_out else None
         t2 = time.perf_counter()
         path = os.path.join(self.runner.work_dir, QUANTIZED_FILE)
         meta = {'ptq': settings.to_dict(), 'method': method.to_dict(),
@@ -341,7 +347,27 @@ class PTQLoop(TestLoop):
             atomic_save(quantized_checkpoint(model.state_dict(), meta), path)
         store.update(status='complete')
         logger.info(f'saved quantized model to {path}')
-        return {'result': result, 'timings': {'calibration_data': t1 - t0, 'reconstruction': t2 - t1}}
+        return {'result': result, 'timings': {'calibration_data': t1 - t0, 'reconstruction': t2 - t1},
+                'feature_error': feature_error}
+
+    @torch.no_grad()
+    def _feature_error(self, calib: Sequence[dict], held_out: Sequence[dict]) -> Dict[str, Any]:
+        """Relative error of the quantized model's features (extract_feat) against FP, calibration vs held-out.
+
+        A reconstruction that lowers the first but not the second fits its calibration images.
+        """
+        model = self.model
+        errors = {}
+        for name, batches in (('calibration', calib), ('held_out', held_out)):
+            with quant_state(model, weight=False, act=False):
+                reference = [output_tensors(feature_forward(model, b)) for b in batches]
+            with quant_state(model, weight=True, act=True, drop_prob=1.0):
+                errors[name] = relative_output_error(model, batches, feature_forward, reference)
+        errors['held_out_images'] = num_images(held_out)
+        self.runner.logger.info(f"feature error (||F_q - F||^2 / ||F||^2 over extract_feat outputs): calibration "
+                                f"{errors['calibration']:.4g}, held-out {errors['held_out']:.4g} "
+                                f"({errors['held_out_images']} train images not used for calibration)")
+        return errors
 
     def _start_or_resume(self) -> Optional[Dict[str, Any]]:
         logger, store = self.runner.logger, self.store
@@ -418,6 +444,8 @@ class PTQLoop(TestLoop):
         extra: Dict[str, Any] = {'loaded_from': self.load_quantized}
         if not self.load_quantized:
             extra['resumed_units'] = self.resumed_units
+        if done.get('feature_error'):
+            extra['feature_error'] = done['feature_error']
         if done['result'] is not None and any(r.result.extra for r in done['result'].records):
             extra['prediction_loss'] = [{'name': r.name, 'stage': r.stage, **r.result.extra}
                                         for r in done['result'].records if r.result.extra]

@@ -177,6 +177,10 @@ def format_summary(report: Dict[str, Any], max_rows: int = SUMMARY_MAX_ROWS) -> 
                      f"{'-' if worst.get('rel_error_after') is None else format(worst['rel_error_after'], '.3e')}")
     if report.get('plots'):
         lines.append('plots (in the work dir): ' + ', '.join(report['plots']))
+    fe = report.get('feature_error')
+    if fe:
+        lines.append(f"feature error vs FP: calibration {fe['calibration']:.4g}, held-out {fe['held_out']:.4g} "
+                     f"({fe['held_out_images']} images)")
     lines.append('metrics: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                          for k, v in report['metrics'].items()))
     lines.append('timings: ' + ', '.join(f'{k}={v:.1f}s' for k, v in report['timings'].items()))

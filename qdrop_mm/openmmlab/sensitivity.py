@@ -29,7 +29,7 @@ from qdrop_mm.core.sensitivity import measure_sensitivity
 
 from .atomic_io import atomic_write, atomic_write_json
 from .block_plan import plan_model
-from .calibration import build_calibration_batches, feature_forward, num_images
+from .calibration import build_calibration_batches, feature_forward, num_images, split_batches
 from .ptq_loop import _CheckpointFitHook
 from .registry import LOOPS
 from .report import format_bits, plain_metrics, unit_bits
@@ -41,23 +41,6 @@ SENSITIVITY_JSON = 'sensitivity.json'
 MIXED_PRECISION_CONFIG = 'mixed_precision_config.py'
 PREFERRED_METRICS = ('coco/bbox_mAP', 'coco/segm_mAP', 'mIoU')
 KEEP_BITS = 8
-
-
-def split_batches(batches: Sequence[dict], n_images: int) -> Tuple[List[dict], List[dict]]:
-    """The first ``n_images`` images of ``batches`` and the rest, splitting a batch where needed."""
-    first, rest, seen = [], [], 0
-    for batch in batches:
-        n = len(batch['inputs'])
-        take = min(n, max(n_images - seen, 0))
-        if take == n:
-            first.append(batch)
-        elif take == 0:
-            rest.append(batch)
-        else:
-            first.append({k: v[:take] for k, v in batch.items()})
-            rest.append({k: v[take:] for k, v in batch.items()})
-        seen += take
-    return first, rest
 
 
 def choose_metric(metrics: Dict[str, Any], wanted: str) -> str:

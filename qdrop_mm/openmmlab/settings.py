@@ -67,6 +67,7 @@ class PTQSettings:
     w_observer: str = 'mse'
     a_observer: str = 'mse'
     act_calibration: str = 'fp'
+    holdout_images: int = 0
     cache: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -97,6 +98,9 @@ class PTQSettings:
         if not isinstance(cfg.get('quantize_fpn_outputs', False), bool):
             raise PTQConfigError(f'ptq.quantize_fpn_outputs must be True or False, '
                                  f'got {cfg.get("quantize_fpn_outputs")!r}')
+        holdout = cfg.get('holdout_images', cls.holdout_images)
+        if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
+            raise PTQConfigError(f'ptq.holdout_images must be an integer >= 0 (0 = no held-out check), got {holdout!r}')
         workers = cfg.get('calib_num_workers', cls.calib_num_workers)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise PTQConfigError(f'ptq.calib_num_workers must be an integer >= 0, got {workers!r}')

@@ -39,7 +39,8 @@ def test_budget_schedule_scales_learning_rates_with_the_iterations():
     assert budget_lr_factor(20000) == 1.0 and budget_lr_factor(50000) == 1.0
     assert math.isclose(budget_lr_factor(2000), 10.0) and math.isclose(budget_lr_factor(500), 40.0)
     assert budget_lr_factor(100) == budget_lr_factor(10) == 100.0  # capped
-    (paper,) = build_method('qdrop', iters=500).stages
+    assert build_method('qdrop').stages[0].schedule == 'budget'  # the default; the paper's lr is one option away
+    (paper,) = build_method('qdrop', iters=500, schedule='paper').stages
     assert (paper.schedule, paper.effective_w_lr, paper.effective_a_lr, paper.effective_b_lr) == \
         ('paper', 1e-3, 4e-5, 1e-3)
     (budget,) = build_method('qdrop', iters=500, schedule='budget').stages

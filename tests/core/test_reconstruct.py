@@ -199,7 +199,8 @@ def test_gradient_accumulation_equals_one_large_batch():
         for x in xs:
             layer(x)
         layer.act_quantizer.finish_observing()
-    stage = replace(build_method('qdrop', iters=25, drop_prob=1.0).stages[0], w_lr=1e-2, a_lr=1e-3, warmup=0.2)
+    stage = replace(build_method('qdrop', iters=25, drop_prob=1.0).stages[0], w_lr=1e-2, a_lr=1e-3, warmup=0.2,
+                    schedule='paper')
     state = copy.deepcopy(layer.state_dict())
     big = reconstruct_unit(layer, _SequentialCache(xs, targets, 2), replace(stage, batch_size=8))
     big_state = copy.deepcopy(layer.state_dict())

@@ -37,8 +37,17 @@ def quantized_run(tmp_path_factory, coco128):
     ckpt = save_random_checkpoint(CONFIG, str(tmp / 'fp.pth'))
     work = tmp / 'work'
     metrics = main([osp.join(REPO, CONFIG), '--checkpoint', ckpt, '--work-dir', str(work),
-                    '--cfg-options', *_coco128_options(coco128)])
+                    '--cfg-options', *_coco128_options(coco128), 'ptq.holdout_images=2'])
     return ckpt, work, metrics
+
+
+def test_feature_error_on_calibration_and_held_out_images(quantized_run):
+    _, work, _ = quantized_run
+    report = json.loads((work / 'ptq_report.json').read_text())
+    fe = report['feature_error']
+    assert fe['held_out_images'] == 2
+    assert 0 < fe['calibration'] < 1 and 0 < fe['held_out'] < 1
+    assert report['settings']['num_images'] == 4 and report['settings']['holdout_images'] == 2
 
 
 def test_report_units_losses_and_metric_keys(quantized_run):
