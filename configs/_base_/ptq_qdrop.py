@@ -1,6 +1,7 @@
-# The PTQ section shared by every qdrop_mm config: QDrop as the authors' code
-# runs it (see README "Configuration"). Override any key in a config or with
-# --cfg-options ptq.w_bits=2 ...
+# The PTQ section shared by every qdrop_mm config: QDrop as the authors' code runs
+# it, with the learning rates scaled to the iteration budget (method_options.schedule
+# 'budget'; identical to the authors' at 20 000 iterations; 'paper' keeps their rates).
+# See README "Configuration". Override any key in a config or with --cfg-options ptq.w_bits=2 ...
 ptq = dict(
     method='qdrop',          # rtn | adaround | brecq | qdrop | qwt | qdrop_qwt | pdquant
     w_bits=4,
