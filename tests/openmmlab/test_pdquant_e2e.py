@@ -162,7 +162,8 @@ def test_segmentor_end_to_end_and_load_quantized(tmp_path):
     data = [f'train_dataloader.dataset.data_root={root}/', f'test_dataloader.dataset.data_root={root}/',
             *[f'{k}={v}' for k, v in SEG_R18.items()]]
     ckpt = save_random_checkpoint(SEG_CONFIG, str(tmp_path / 'fp.pth'), SEG_R18)
-    common = ['ptq.num_images=4', 'ptq.iters=4', 'ptq.calib_num_workers=0', 'ptq.w_observer=minmax']
+    common = ['ptq.num_images=4', 'ptq.iters=4', 'ptq.calib_num_workers=0', 'ptq.w_observer=minmax',
+              'ptq.method_options.schedule=paper']  # 4 iterations: the budget schedule's x100 rates are noise
     metrics = main([SEG_CONFIG, '--checkpoint', ckpt, '--work-dir', str(tmp_path / 'work'), '--cfg-options',
                     *data, *common, 'ptq.method=pdquant', 'ptq.method_options.dc_iters=2'])
     report = json.loads((tmp_path / 'work' / 'ptq_report.json').read_text())
