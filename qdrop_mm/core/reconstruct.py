@@ -238,9 +238,8 @@ def rounding_changed_fraction(unit: nn.Module) -> float:
         if q.mode == 'nearest':
             continue
         scale, zp = q._qparams(w)
-        x = w / scale
-        learned = torch.clamp(torch.floor(x) + (q.alpha >= 0).to(x.dtype) + zp, 0, q.qmax)
-        changed += (learned != torch.clamp(torch.round(x) + zp, 0, q.qmax)).sum().item()
+        nearest = torch.clamp(torch.round(w / scale) + zp, 0, q.qmax)
+        changed += (q.integer_weight(w) != nearest).sum().item()
         total += w.numel()
     return changed / max(total, 1)
 

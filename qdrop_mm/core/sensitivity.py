@@ -57,18 +57,33 @@ def relative_output_error(model: nn.Module, batches: Sequence[Any], forward_fn: 
 
 
 @torch.no_grad()
+def fp_outputs(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn) -> List[List[Tensor]]:
+    """The output tensors of every batch with all quantizers off: the reference the errors are taken against."""
+    with quant_state(model, weight=False, act=False):
+        return [output_tensors(forward_fn(model, b)) for b in batches]
+
+
+@torch.no_grad()
+def quantized_error(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
+                    reference: Optional[Sequence[List[Tensor]]] = None) -> float:
+    """Relative output error of the fully quantized model (no drop) against FP (``reference`` or computed)."""
+    reference = fp_outputs(model, batches, forward_fn) if reference is None else reference
+    with quant_state(model, weight=True, act=True, drop_prob=1.0):
+        return relative_output_error(model, batches, forward_fn, reference)
+
+
+@torch.no_grad()
 def measure_sensitivity(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], forward_fn: ForwardFn,
                         progress: Optional[ProgressFn] = None) -> SensitivityResult:
     """Output error of ``model`` with each unit quantized alone, and with all quantized, against FP."""
     model.eval()
     result = SensitivityResult()
+    reference = fp_outputs(model, batches, forward_fn)
     with quant_state(model, weight=False, act=False):
-        reference = [output_tensors(forward_fn(model, b)) for b in batches]
         for i, unit in enumerate(units):
             with quant_state(unit.module, weight=True, act=True, drop_prob=1.0):
                 result.unit_errors[unit.name] = relative_output_error(model, batches, forward_fn, reference)
             if progress is not None:
                 progress(i + 1, len(units), unit.name, result.unit_errors[unit.name])
-    with quant_state(model, weight=True, act=True, drop_prob=1.0):
-        result.all_units_error = relative_output_error(model, batches, forward_fn, reference)
+    result.all_units_error = quantized_error(model, batches, forward_fn, reference)
     return result

@@ -41,8 +41,8 @@ from mmengine.utils import ProgressBar
 
 from qdrop_mm.core import NonFiniteLossError, PTQCallbacks, PTQResult, Unit, UnitRecord, run_ptq
 from qdrop_mm.core.methods import MethodConfig
-from qdrop_mm.core.quant_state import act_quantizers, quant_state
-from qdrop_mm.core.sensitivity import output_tensors, relative_output_error
+from qdrop_mm.core.quant_state import act_quantizers
+from qdrop_mm.core.sensitivity import quantized_error
 
 from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
 from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
@@ -356,13 +356,8 @@ class PTQLoop(TestLoop):
 
         A reconstruction that lowers the first but not the second fits its calibration images.
         """
-        model = self.model
-        errors = {}
-        for name, batches in (('calibration', calib), ('held_out', held_out)):
-            with quant_state(model, weight=False, act=False):
-                reference = [output_tensors(feature_forward(model, b)) for b in batches]
-            with quant_state(model, weight=True, act=True, drop_prob=1.0):
-                errors[name] = relative_output_error(model, batches, feature_forward, reference)
+        errors = {name: quantized_error(self.model, batches, feature_forward)
+                  for name, batches in (('calibration', calib), ('held_out', held_out))}
         errors['held_out_images'] = num_images(held_out)
         self.runner.logger.info(f"feature error (||F_q - F||^2 / ||F||^2 over extract_feat outputs): calibration "
                                 f"{errors['calibration']:.4g}, held-out {errors['held_out']:.4g} "
