@@ -71,19 +71,18 @@ class PlanContext:
     compensation: Optional[CompensationConfig] = None
     layer_paths: List[str] = field(default_factory=list)
     unfolded_norms: List[Tuple[str, str]] = field(default_factory=list)
-    _first_layer_done: bool = False
+    input_layer: Optional[str] = None
 
     def layer(self, path: str, layer: nn.Module, bn: Optional[nn.Module] = None,
               activation: Optional[nn.Module] = None, quantize_output: bool = True,
               quantize_input: bool = False) -> QuantLayer:
-        """A QuantLayer with this path's bits; the first one created is the network's first layer.
+        """A QuantLayer with this path's bits (``ptq.first_layer_bits`` if it wraps ``input_layer``).
 
         ``bn``: a BatchNorm is folded into the weight; any other norm (GroupNorm, LayerNorm, ...) stays
         FP between the layer and its activation (listed in ``unfolded_norms``). ``quantize_input`` adds
         an activation quantizer on the layer's input (transformer linears after a LayerNorm).
         """
-        first = not self._first_layer_done
-        self._first_layer_done = True
+        first = self.input_layer is not None and (path == self.input_layer or self.input_layer.startswith(path + '.'))
         w_bits, a_bits = self.settings.bits_for(path, first_layer=first)
         self.layer_paths.append(path)
         norm = None
@@ -276,13 +275,28 @@ def check_overrides(settings: PTQSettings, layer_paths: Sequence[str], scope: Se
                              f'{list(scope)} (e.g. {list(layer_paths[:3])}); use a module path under the scope')
 
 
+def input_layer_path(model: nn.Module) -> Optional[str]:
+    """The network's first layer, the one that sees the image: the first Conv/Linear the model registers.
+
+    OpenMMLab models register the backbone first and every backbone its stem (or patch embedding)
+    first, so this is the stem whatever order ``ptq.scope`` lists the modules in.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            return name
+    return None
+
+
 def plan_model(model: nn.Module, settings: PTQSettings,
-               example_forward: Optional[Callable[[], None]] = None) -> ModelPlan:
+               example_forward: Optional[Callable[[], None]] = None,
+               unit_order: Optional[Sequence[str]] = None) -> ModelPlan:
     """Convert the modules in scope in place and order the units as the network calls them.
 
-    Without ``example_forward`` the units keep their construction order (enough to load a saved model).
+    Without ``example_forward`` the units follow ``unit_order`` (the order a saved run recorded), else
+    their construction order.
     """
-    ctx = PlanContext(settings, compensation=settings.build_method().compensation)
+    ctx = PlanContext(settings, compensation=settings.build_method().compensation,
+                      input_layer=input_layer_path(model))
     for path, module in resolve_scope(model, settings.scope):
         parent_path, _, name = path.rpartition('.')
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -294,7 +308,9 @@ def plan_model(model: nn.Module, settings: PTQSettings,
     check_overrides(settings, ctx.layer_paths, scope_paths(model, settings.scope))
     fp_layers = find_fp_layers(model, settings.scope)
     if example_forward is None:
-        return ModelPlan(list(ctx.units), [], fp_layers, list(ctx.unfolded_norms))
+        position = {name: i for i, name in enumerate(unit_order or ())}
+        units = sorted(ctx.units, key=lambda u: position.get(u.name, len(position)))
+        return ModelPlan(units, [], fp_layers, list(ctx.unfolded_norms))
     order: Dict[int, int] = {}
     handles = [u.module.register_forward_pre_hook(_first_call_recorder(order, id(u.module))) for u in ctx.units]
     try:

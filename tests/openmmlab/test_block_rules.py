@@ -83,3 +83,31 @@ def test_overrides_and_heads_in_scope():
     assert bits['backbone.layer4.0'] == {8} and bits['backbone.layer4.2'] == {3} and bits['backbone.layer3.0'] == {4}
     assert any(n.startswith('bbox_head.') for n in bits)
     assert all(isinstance(m, QuantLayer) for n, m in model.bbox_head.named_children() if n == 'retina_cls')
+
+
+def _unit_bits(plan):
+    return {u.name: {q.bits for q in _quantizers(u.module, AdaRoundQuantizer)} for u in plan.units}
+
+
+@pytest.mark.parametrize('scope,eight_bit', [
+    (['backbone', 'neck'], ['backbone.conv1']),
+    (['neck', 'backbone'], ['backbone.conv1']),  # the stem, not the first layer the walker happens to build
+    (['neck'], []),  # the network's first layer is not in scope: nothing at first_layer_bits
+])
+def test_first_layer_is_the_stem_whatever_the_scope_order(scope, eight_bit):
+    cfg, model = build_model_from_config('tests/openmmlab/configs/faster_rcnn_r18_coco128_tiny.py')
+    plan = plan_model(model, PTQSettings.from_cfg(dict(w_observer='minmax', scope=scope)))
+    bits = _unit_bits(plan)
+    assert sorted(n for n, b in bits.items() if b == {8}) == eight_bit
+    assert all(b == {4} for n, b in bits.items() if n not in eight_bit)
+    assert len(bits) == (17 if 'backbone' in scope else 8)
+
+
+def test_saved_unit_order_is_kept_without_a_forward():
+    _, model = build_model_from_config('tests/openmmlab/configs/faster_rcnn_r18_coco128_tiny.py')
+    settings = PTQSettings.from_cfg(dict(w_observer='minmax', scope=['neck', 'backbone']))
+    built = [u.name for u in plan_model(model, settings).units]
+    assert built[0].startswith('neck.')  # construction order follows the scope list
+    _, model = build_model_from_config('tests/openmmlab/configs/faster_rcnn_r18_coco128_tiny.py')
+    saved = sorted(built, key=lambda n: (not n.startswith('backbone'), n))
+    assert [u.name for u in plan_model(model, settings, unit_order=saved).units] == saved
