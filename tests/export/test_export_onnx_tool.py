@@ -1,14 +1,16 @@
 """tools/export_onnx.py on a tiny quantized Faster R-CNN R18-FPN: QDQ graph of extract_feat vs PyTorch."""
+import math
 import os
 import os.path as osp
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from qdrop_mm.core import LSQActQuantizer, QuantLayer, calibrate_activations
 
-from ..openmmlab.conftest import REPO, build_model_from_config, coco128  # noqa: F401  (fixture)
+from ..openmmlab.conftest import REPO, build_model_from_config
 
 pytest.importorskip('mmdet')
 pytest.importorskip('onnxruntime')
@@ -115,7 +117,10 @@ def test_real_image_check(quantized, coco128, tmp_path, capsys):
     image = osp.join(coco128, 'val2017', sorted(os.listdir(osp.join(coco128, 'val2017')))[0])
     result = _tool('--quantized', path, '--out', tmp_path / 'img.onnx', '--check-image', image)
     _assert_parity(result['parity'], result['agreement'])
-    assert 'input [1, 3, 128, 160]' in capsys.readouterr().out  # 640x427 resized to fit 160x128, padded to 32
+    h, w = cv2.imread(image).shape[:2]
+    factor = min(160 / max(h, w), 128 / min(h, w))  # Resize scale=(160, 128), keep_ratio, then Pad to 32
+    padded = [math.ceil(int(d * factor + 0.5) / 32) * 32 for d in (h, w)]
+    assert f'input [1, 3, {padded[0]}, {padded[1]}]' in capsys.readouterr().out  # real COCO 640x427: [128, 160]
 
 
 @pytest.mark.parametrize('args,message', [

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-COCO128 = osp.join(osp.dirname(REPO), 'shared', 'coco128')
 
 
 def build_model_from_config(config: str, cfg_options: dict = None):
@@ -40,10 +39,3 @@ def save_random_checkpoint(config: str, path: str, cfg_options: dict = None) -> 
     _, model = build_model_from_config(config, cfg_options)
     torch.save({'state_dict': model.state_dict(), 'meta': {'note': 'random weights for tests'}}, path)
     return path
-
-
-@pytest.fixture(scope='session')
-def coco128():
-    if not osp.isdir(COCO128):
-        pytest.skip('../shared/coco128 not present')
-    return COCO128

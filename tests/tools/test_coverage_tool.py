@@ -1,16 +1,10 @@
 """tools/coverage.py end to end on RTMDet-tiny: its EMAHook config, PTQ and --load-quantized through the Runner."""
-import os.path as osp
-
-import pytest
-
-from tests.openmmlab.conftest import COCO128
 
 
-@pytest.mark.skipif(not osp.isdir(COCO128), reason='../shared/coco128 not present')
-def test_rtmdet_tiny_runs_and_reloads_identically(tmp_path):
+def test_rtmdet_tiny_runs_and_reloads_identically(tmp_path, coco128):
     from tools.coverage import CASES, format_table, run_case
     case = next(c for c in CASES if c.name == 'rtmdet_tiny')
-    row = run_case(case, str(tmp_path), COCO128, iters=1, num_images=2, test_images=1)
+    row = run_case(case, str(tmp_path), coco128, iters=1, num_images=2, test_images=1)
     assert row.error == '' and row.run_ok and row.reload_identical
     assert (row.blocks, row.layers, row.fp_layers, row.unfolded_bn) == (9, 14, 0, 0)
     table = format_table([row])
@@ -19,11 +13,10 @@ def test_rtmdet_tiny_runs_and_reloads_identically(tmp_path):
             f'yes ({row.compared}) |') in table
 
 
-@pytest.mark.skipif(not osp.isdir(COCO128), reason='../shared/coco128 not present')
-def test_head_in_scope_is_one_error_line(tmp_path):
+def test_head_in_scope_is_one_error_line(tmp_path, coco128):
     from tools.coverage import CASES, run_case
     case = next(c for c in CASES if c.name == 'retinanet_r18')
-    row = run_case(case, str(tmp_path), COCO128, iters=1, num_images=2, test_images=1,
+    row = run_case(case, str(tmp_path), coco128, iters=1, num_images=2, test_images=1,
                    extra_options=("ptq.scope=['backbone','neck','bbox_head']",))
     assert not row.run_ok and '\n' not in row.error
     assert row.error.startswith('error: ptq.scope: 10 unit(s) with activation quantizers are not run by the '
