@@ -22,7 +22,7 @@ ROUNDING_MODES = ('nearest', 'soft', 'hard')
 
 
 def _sync_mode(module: 'AdaRoundQuantizer', incompatible_keys) -> None:
-    module.mode = ROUNDING_MODES[int(module.mode_code)]
+    module._mode = ROUNDING_MODES[int(module.mode_code)]
 
 
 class AdaRoundQuantizer(nn.Module):
@@ -34,6 +34,10 @@ class AdaRoundQuantizer(nn.Module):
     ``fused`` runs soft rounding and its regulariser as one-pass autograd
     functions (``compiled``: through ``torch.compile``); False gives the
     separate autograd ops they are tested against.
+
+    The rounding mode lives in the ``mode_code`` buffer (saved, restored); ``mode`` reads a Python
+    mirror of it that only the ``mode`` setter and loading write, so the forward never reads a
+    device tensor.
     """
 
     def __init__(self, weight: Tensor, bits: int, ch_axis: int = 0, observer: str = 'mse') -> None:
@@ -41,7 +45,6 @@ class AdaRoundQuantizer(nn.Module):
         self.bits = check_bits(bits)
         self.ch_axis = ch_axis
         self.enabled = True
-        self.mode = 'nearest'
         self.fused = True
         self.compiled = True
         obs = build_observer(observer, bits, ch_axis)
@@ -52,7 +55,20 @@ class AdaRoundQuantizer(nn.Module):
         self.alpha = nn.Parameter(torch.zeros_like(weight), requires_grad=False)
         self.register_buffer('rounding_initialised', torch.tensor(False))
         self.register_buffer('mode_code', torch.tensor(0, dtype=torch.uint8))
+        self._mode = 'nearest'
         self.register_load_state_dict_post_hook(_sync_mode)
+
+    @property
+    def mode(self) -> str:
+        """'nearest', 'soft' or 'hard' (as the ``mode_code`` buffer says)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in ROUNDING_MODES:
+            raise ValueError(f'rounding mode must be one of {ROUNDING_MODES}, got {mode!r}')
+        self._mode = mode
+        self.mode_code.fill_(ROUNDING_MODES.index(mode))
 
     @property
     def qmax(self) -> int:
@@ -72,12 +88,10 @@ class AdaRoundQuantizer(nn.Module):
         self.rounding_initialised.fill_(True)
 
     def set_mode(self, mode: str) -> None:
-        if mode not in ROUNDING_MODES:
-            raise ValueError(f'rounding mode must be one of {ROUNDING_MODES}, got {mode!r}')
-        if mode != 'nearest' and not bool(self.rounding_initialised):
+        """Switch rounding (V learned only in 'soft'); soft and hard need :meth:`init_rounding` first."""
+        if mode != 'nearest' and mode in ROUNDING_MODES and not bool(self.rounding_initialised):
             raise RuntimeError('call init_rounding(weight) before switching to soft or hard rounding')
         self.mode = mode
-        self.mode_code.fill_(ROUNDING_MODES.index(mode))
         self.alpha.requires_grad_(mode == 'soft')
 
     def h(self) -> Tensor:

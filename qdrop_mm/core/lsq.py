@@ -20,23 +20,23 @@ import torch
 from torch import Tensor, nn
 
 from . import fused as fused_ops
+from .distributed import all_reduce_mean_, world_size
 from .fake_quant import EPS, check_bits, fake_quantize, grad_scale, quant_max
 from .observers import build_observer
 
 
 def _average_across_ranks(observer) -> None:
     """Under torch.distributed, every rank adopts the mean of the ranks' observed ranges."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if world_size() == 1:
         return
-    world = torch.distributed.get_world_size()
     for name in ('min_val', 'max_val'):
         t = getattr(observer, name).clone()
-        torch.distributed.all_reduce(t)
-        setattr(observer, name, t / world)
+        all_reduce_mean_([t])
+        setattr(observer, name, t)
 
 
 def _sync_calibrated_flag(module: 'LSQActQuantizer', incompatible_keys) -> None:
-    module.is_calibrated = bool(module.calibrated)
+    module._calibrated = bool(module.calibrated)
 
 
 class LSQActQuantizer(nn.Module):
@@ -47,6 +47,10 @@ class LSQActQuantizer(nn.Module):
     selects the one-pass autograd function (False: separate autograd ops, the
     reference the fused path is tested against); ``compiled`` lets its
     kernels run through ``torch.compile`` (False: the same kernels eagerly).
+
+    Whether the range is set lives in the ``calibrated`` buffer (saved, restored); ``is_calibrated``
+    reads a Python mirror of it that only :meth:`set_range` and loading write, so the forward never
+    reads a device tensor.
     """
 
     def __init__(self, bits: int, observer: str = 'mse') -> None:
@@ -55,7 +59,7 @@ class LSQActQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer('zero_point', torch.zeros(()))
         self.register_buffer('calibrated', torch.tensor(False))
-        self.is_calibrated = False
+        self._calibrated = False
         self.register_load_state_dict_post_hook(_sync_calibrated_flag)
         self.observer_kind = observer
         self.observer = None
@@ -69,6 +73,18 @@ class LSQActQuantizer(nn.Module):
     def qmax(self) -> int:
         return quant_max(self.bits)
 
+    @property
+    def is_calibrated(self) -> bool:
+        return self._calibrated
+
+    @torch.no_grad()
+    def set_range(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Fix the step and zero point (calibration, or a test that wants a known grid)."""
+        self.scale.data = torch.as_tensor(scale).reshape(()).float()
+        self.zero_point = torch.as_tensor(zero_point).reshape(()).float()
+        self.calibrated.fill_(True)
+        self._calibrated = True
+
     def start_observing(self) -> None:
         self.observer = build_observer(self.observer_kind, self.bits)
         self.observing = True
@@ -81,11 +97,7 @@ class LSQActQuantizer(nn.Module):
             raise RuntimeError('activation quantizer saw no data during calibration; '
                                'is it on the path of the calibration forward?')
         _average_across_ranks(self.observer)
-        scale, zp = self.observer.compute()
-        self.scale.data = scale.reshape(()).float()
-        self.zero_point = zp.reshape(()).float()
-        self.calibrated.fill_(True)
-        self.is_calibrated = True
+        self.set_range(*self.observer.compute())
         self.observer = None
 
     @torch.no_grad()

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import ForwardFn, capture_inputs
+from .distributed import all_reduce_sum_
 from .lsq import LSQActQuantizer
 from .methods import COMPENSATION_PLACEMENTS
 from .quant_state import quant_state, weight_quantizers
@@ -175,9 +176,7 @@ class LeastSquaresAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the statistics over ranks (no-op outside torch.distributed)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for t in (self.xtx, self.ytx, self.yty, self.rows):
-                torch.distributed.all_reduce(t)
+        all_reduce_sum_([self.xtx, self.ytx, self.yty, self.rows])
 
     def solve(self, ridge: float = 0.0) -> Tuple[Tensor, Tensor]:
         """(W, b) minimising Σ||y - W x - b||² + λ||W||², λ = ridge · mean diagonal of X^T X (b unpenalised)."""
@@ -284,8 +283,7 @@ def fit_compensation(model: nn.Module, wrapper: Compensated, batches: Sequence[A
         raise ValueError('fit_compensation needs at least one calibration batch')
     for f in folds:
         f.all_reduce()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(target_sq)
+    all_reduce_sum_([target_sq])
     acc = _sum(folds)
     if validate and float(folds[1].rows) > 0:
         ridge = choose_ridge(folds, ridge)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import fused
 from .adaround import RoundingRegularizer
+from .distributed import all_reduce_mean_, world_size
 from .lsq import clamp_steps
 from .methods import StageConfig
 from .quant_state import act_quantizers, quant_state, weight_quantizers
@@ -290,23 +291,20 @@ def _hardened_probe_mse(unit: nn.Module, cache: UnitCache, device: torch.device,
     return _mean_across_ranks(total / n)
 
 def _mean_across_ranks(value: float) -> float:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
     t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t.item()) / torch.distributed.get_world_size()
+    all_reduce_mean_([t])
+    return float(t.item())
 
 
 def _average_gradients(params: List[Tensor]) -> None:
     """Under torch.distributed, average the learned parameters' gradients so every rank steps alike."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if world_size() == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= torch.distributed.get_world_size()
+    all_reduce_mean_([flat])
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()

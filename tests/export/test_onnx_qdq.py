@@ -12,10 +12,7 @@ from qdrop_mm.export import QDQActivation, QDQLayer, integer_weight, to_qdq
 
 def _calibrated(bits: int, scale: float, zero_point: int) -> LSQActQuantizer:
     q = LSQActQuantizer(bits)
-    q.scale.data = torch.tensor(scale)
-    q.zero_point = torch.tensor(float(zero_point))
-    q.calibrated.fill_(True)
-    q.is_calibrated = True
+    q.set_range(torch.tensor(scale), torch.tensor(float(zero_point)))
     return q
 
 

@@ -32,10 +32,7 @@ class _Single(nn.Module):
 @pytest.mark.parametrize('bits,zero_point', [(2, 1), (4, 0), (4, 9), (8, 0), (8, 128)])
 def test_single_activation_qdq_is_exact_in_onnxruntime(tmp_path, bits, zero_point):
     q = LSQActQuantizer(bits)
-    q.scale.data = torch.tensor(0.0371)
-    q.zero_point = torch.tensor(float(zero_point))
-    q.calibrated.fill_(True)
-    q.is_calibrated = True
+    q.set_range(torch.tensor(0.0371), torch.tensor(float(zero_point)))
     qmax = 2 ** bits - 1
     levels = torch.arange(-zero_point - 3, qmax - zero_point + 4, dtype=torch.float32)
     x = torch.cat([levels, levels + 0.5, torch.linspace(-zero_point - 5, qmax - zero_point + 5, 3001)]) * 0.0371
