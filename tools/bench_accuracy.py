@@ -49,7 +49,8 @@ def label(run: dict) -> str:
 
 
 def run_one(model: str, method: str, w_bits: int, a_bits: int, seed: int, args, fp_ckpt: str) -> dict:
-    from tools.ptq import main as ptq_main
+    from qdrop_mm.api import quantize
+    from qdrop_mm.openmmlab.runner import exit_on_error, parse_cfg_options
     cfg = osp.join(REPO, 'configs/demo', f'{model}.py')
     work = osp.join(args.out, model, f'{method}_w{w_bits}a{a_bits}_{args.iters}it' + ''.join(
         '_' + o.replace('ptq.', '').replace('=', '') for o in args.options) + (f'_seed{seed}' if seed else ''))
@@ -57,7 +58,7 @@ def run_one(model: str, method: str, w_bits: int, a_bits: int, seed: int, args, 
             f'ptq.act_iters={max(1, args.iters // 4)}', f'ptq.num_images={args.num_images}',
             f'ptq.seed={seed}', 'ptq.calib_num_workers=0', *args.options]
     t0 = time.perf_counter()
-    metrics = ptq_main([cfg, '--checkpoint', fp_ckpt, '--work-dir', work, '--cfg-options', *opts])
+    metrics = exit_on_error(quantize, cfg, fp_ckpt, work_dir=work, cfg_options=parse_cfg_options(opts)).metrics
     return {'model': model, 'method': method, 'w_bits': w_bits, 'a_bits': a_bits, 'iters': args.iters,
             'num_images': args.num_images, 'options': list(args.options), 'seed': seed,
             'metrics': {k: float(v) for k, v in metrics.items()}, 'seconds': time.perf_counter() - t0}
@@ -196,10 +197,8 @@ def load_results(path: str) -> dict:
 
 
 def save_results(results: dict, path: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
+    from qdrop_mm.openmmlab.atomic_io import atomic_write_json
+    atomic_write_json(results, path)
 
 
 def check_same_fp_model(model: str, res: dict, digest, fp_metrics: dict, where: str) -> None:

@@ -216,16 +216,13 @@ def _prediction_tensors(sample: Any) -> Dict[str, Any]:
 
 def run_ptq(config: str, checkpoint: str, work_dir: str, options: List[str],
             load_quantized: Optional[str] = None) -> Tuple[Any, List[Dict[str, Any]], Dict[str, Any]]:
-    """tools/ptq.py's path (build_cfg, Runner, test loop) plus a hook keeping the raw predictions.
+    """tools/ptq.py's path (the run's config, Runner, test loop) plus a hook keeping the raw predictions.
 
     Returns (the runner, predictions per test image, metrics). Errors surface as tools/ptq.py's
     ``SystemExit('error: ...')``.
     """
     from mmengine.hooks import Hook
-    from mmengine.runner import Runner
-    from tools.ptq import build_cfg, parse_args, unexpected_error_message
-    from qdrop_mm.openmmlab import install_safe_mmengine_loading
-    from qdrop_mm.openmmlab.settings import PTQError
+    from qdrop_mm.openmmlab.runner import build_ptq_cfg, exit_on_error, parse_cfg_options, run_test_loop
 
     class KeepPredictions(Hook):
         def __init__(self) -> None:
@@ -234,24 +231,10 @@ def run_ptq(config: str, checkpoint: str, work_dir: str, options: List[str],
         def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
             self.predictions += [_prediction_tensors(o) for o in outputs or []]
 
-    argv = [config, '--work-dir', work_dir, '--cfg-options', *options]
-    argv += ['--load-quantized', load_quantized] if load_quantized else ['--checkpoint', checkpoint]
-    try:
-        cfg = build_cfg(parse_args(argv))
-    except ValueError as err:
-        raise SystemExit(f'error: {err}') from None
-    install_safe_mmengine_loading()
     keep = KeepPredictions()
-    try:
-        runner = Runner.from_cfg(cfg)
-        runner.register_hook(keep, priority='LOWEST')
-        metrics = runner.test()
-    except PTQError as err:
-        raise SystemExit(f'error: {err}') from None
-    except Exception as err:  # noqa: BLE001  one line per failed case, like tools/ptq.py
-        if os.environ.get('QDROP_MM_TRACEBACK'):
-            raise
-        raise SystemExit(f'error: {unexpected_error_message(err)}') from None
+    cfg = exit_on_error(build_ptq_cfg, config, None if load_quantized else checkpoint, work_dir,
+                        parse_cfg_options(options), load_quantized=load_quantized)
+    metrics, runner = exit_on_error(run_test_loop, cfg, hooks=[keep])
     return runner, keep.predictions, metrics
 
 

@@ -34,15 +34,16 @@ def comparison_table(fp: dict, quant: dict, label: str) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs/demo/faster_rcnn_r18_fpn_shapes_w4a4'))
-    p.add_argument('--cfg-options', nargs='+', default=[], help='passed to tools/ptq.py')
+    p.add_argument('--cfg-options', nargs='+', default=[], help='override config keys of the PTQ run, e.g. ptq.iters=300')
     args = p.parse_args(argv)
     from qdrop_mm.demo.training import train_fp_model
-    from tools.ptq import main as ptq_main
+    from qdrop_mm.api import quantize
+    from qdrop_mm.openmmlab.runner import exit_on_error, parse_cfg_options
     t0 = time.perf_counter()
     fp = train_fp_model(FP_CONFIG, osp.join(REPO, 'work_dirs/demo/faster_rcnn_r18_fpn_shapes'))
     t1 = time.perf_counter()
-    quant = ptq_main([PTQ_CONFIG, '--checkpoint', fp['checkpoint'], '--work-dir', args.work_dir]
-                     + (['--cfg-options', *args.cfg_options] if args.cfg_options else []))
+    quant = exit_on_error(quantize, PTQ_CONFIG, fp['checkpoint'], work_dir=args.work_dir,
+                          cfg_options=parse_cfg_options(args.cfg_options)).metrics
     t2 = time.perf_counter()
     table = comparison_table(fp['metrics'], quant, 'QDrop W4A4')
     summary = {'fp': fp['metrics'], 'quantized': {k: float(v) for k, v in quant.items()},

@@ -73,21 +73,6 @@ def output_path(args: argparse.Namespace) -> str:
     return args.out or osp.splitext(args.quantized)[0] + '_qdq.onnx'
 
 
-def build_quantized_model(config: str, quantized: str, cfg_options: Optional[dict] = None):
-    """(cfg, model) with the quantized structure and state of ``quantized`` (as ``--load-quantized`` builds it)."""
-    from mmengine.config import Config
-    from mmengine.registry import MODELS, init_default_scope
-    from qdrop_mm.openmmlab import PTQSettings
-    from qdrop_mm.openmmlab.ptq_loop import rebuild_quantized
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    model = MODELS.build(cfg.model).eval()
-    rebuild_quantized(model, quantized, PTQSettings.from_cfg(cfg.get('ptq', {})))
-    return cfg, model.eval()
-
-
 def image_input(cfg, model, path: str):
     """A real image as the model sees it: the config's test pipeline (no annotations), then data_preprocessor."""
     import torch
@@ -114,6 +99,7 @@ def export(args: argparse.Namespace) -> Dict[str, Any]:
     from qdrop_mm.export import (MethodForward, compare_outputs, export_onnx, first_divergence, qdq_node_counts,
                                  quantizer_agreement, reference_outputs, run_onnxruntime, to_qdq)
     from qdrop_mm.export.onnx_io import require_onnx
+    from qdrop_mm.api import build_quantized_model
     require_onnx()
     cfg, model = build_quantized_model(args.config, args.quantized, args.cfg_options)
     if not hasattr(model, 'extract_feat'):

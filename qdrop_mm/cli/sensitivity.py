@@ -15,11 +15,6 @@ activations. Problems print ``error: <message>`` and exit with status 1, like to
 from __future__ import annotations
 
 import argparse
-import os.path as osp
-import sys
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
 
 def _non_negative_int(text: str) -> int:
     value = int(text)
@@ -55,19 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     """Run the analysis; a user-fixable problem raises ``SystemExit('error: <message>')`` (exit status 1)."""
+    from qdrop_mm.api import analyze_sensitivity
+    from qdrop_mm.openmmlab.runner import exit_on_error
     args = parse_args(argv)
-    from qdrop_mm.openmmlab import sensitivity  # noqa: F401  (registers qdrop_mm.SensitivityLoop)
-    from tools.ptq import build_cfg, run_test_loop
-    ptq_args = argparse.Namespace(config=args.config, checkpoint=args.checkpoint, work_dir=args.work_dir,
-                                  cfg_options=args.cfg_options, launcher='none', resume=False, load_quantized=None)
-    try:
-        cfg = build_cfg(ptq_args)
-    except ValueError as err:
-        raise SystemExit(f'error: {err}') from None
-    cfg.test_cfg = dict(type='qdrop_mm.SensitivityLoop', ptq=cfg.get('ptq', {}), eval_images=args.eval_images,
-                        keep_8bit=args.keep_8bit, metric=args.metric)
-    return run_test_loop(cfg, args.allow_unsafe_checkpoint)
+    return exit_on_error(analyze_sensitivity, args.config, args.checkpoint, work_dir=args.work_dir,
+                         cfg_options=args.cfg_options, eval_images=args.eval_images, keep_8bit=args.keep_8bit,
+                         metric=args.metric, allow_unsafe_checkpoint=args.allow_unsafe_checkpoint)
 
 
-if __name__ == '__main__':
+def console() -> None:
+    """The console script (``qdrop-sensitivity``): exit status 0, or 1 with one ``error:`` line."""
     main()

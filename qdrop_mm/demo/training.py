@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import time
@@ -29,6 +30,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from qdrop_mm.demo.shapes_dataset import dataset_params, generate_shapes_dataset, is_up_to_date
+from qdrop_mm.openmmlab.atomic_io import atomic_write
 
 PathLike = Union[str, os.PathLike]
 
@@ -229,10 +231,11 @@ def publish_weights(state_dict: Mapping[str, torch.Tensor], path: PathLike,
     meta.setdefault("format", FORMAT)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": tensors, "meta": meta}, tmp)
-    torch.load(str(tmp), map_location="cpu", weights_only=True)  # fail here, not in the consumer
-    os.replace(tmp, path)
+    payload = {"state_dict": tensors, "meta": meta}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)  # fail here, not in the consumer
+    atomic_write(str(path), lambda f: f.write(buffer.getvalue()))
     return path
 
 

@@ -71,11 +71,11 @@ def rebuild_quantized(model: torch.nn.Module, path: str, settings: PTQSettings) 
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise PTQConfigError(f'{path} is not a qdrop_mm quantized checkpoint (no state_dict)')
-    saved = ckpt.get('meta', {}).get('ptq')
-    if saved is not None:
-        settings = PTQSettings.from_cfg(saved)
+    meta = ckpt.get('meta', {})
+    if meta.get('ptq') is not None:
+        settings = PTQSettings.from_cfg(meta['ptq'])
     try:
-        plan = plan_model(model, settings)
+        plan = plan_model(model, settings, unit_order=meta.get('units'))
     except ValueError as err:
         raise PTQConfigError(f'{path}: {err}') from None
     try:
@@ -254,6 +254,8 @@ class PTQLoop(TestLoop):
             raise PTQConfigError('resume and load_quantized exclude each other: --resume continues a '
                                  'reconstruction, --load-quantized skips it')
         self.plan: Optional[ModelPlan] = None
+        self.report: Optional[Dict[str, Any]] = None
+        self.quantized_path: Optional[str] = load_quantized
         self.store = ResumeStore(runner.work_dir, writer=is_main_process())
         self.resumed_units = 0
         runner.register_hook(_CheckpointFitHook(self))
@@ -346,6 +348,7 @@ class PTQLoop(TestLoop):
         if is_main_process():
             atomic_save(quantized_checkpoint(model.state_dict(), meta), path)
         store.update(status='complete')
+        self.quantized_path = path
         logger.info(f'saved quantized model to {path}')
         return {'result': result, 'timings': {'calibration_data': t1 - t0, 'reconstruction': t2 - t1},
                 'feature_error': feature_error}
@@ -451,6 +454,7 @@ class PTQLoop(TestLoop):
             if report['units']:
                 report['plots'] = write_report_plots(report, self.runner.work_dir, self.runner.logger.warning)
             write_report(report, os.path.join(self.runner.work_dir, REPORT_FILE))
+        self.report = report
         self.runner.logger.info('\n' + format_summary(report))
         if not self.load_quantized and self.store.clear():
             self.runner.logger.info(f'run complete: removed the resume state {self.store.dir}')

@@ -10,6 +10,8 @@ import os
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .atomic_io import atomic_write
+
 RECON_CURVES_FILE = 'recon_curves.png'
 UNIT_ERRORS_FILE = 'unit_errors.png'
 SENSITIVITY_FILE = 'sensitivity.png'
@@ -56,13 +58,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str) -> None:
-    tmp = f'{path}.tmp{os.getpid()}.png'
-    try:
-        fig.savefig(tmp, format='png', bbox_inches='tight')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: fig.savefig(f, format='png', bbox_inches='tight'))
 
 
 def _positive(values: Sequence[float]) -> List[float]:
