@@ -41,6 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--check', action='store_true',
                    help='compare onnxruntime with the PyTorch fake-quant model on a seeded random input')
     p.add_argument('--check-image', metavar='IMG', help='compare on this image (test pipeline + data_preprocessor)')
+    p.add_argument('--activation-storage', choices=['int8', 'uint8'], default='int8',
+                   help='int8: zero point 0 (TensorRT, default); uint8: what onnxruntime x86 integer kernels take')
+    p.add_argument('--float-bias', action='store_true',
+                   help='keep the float biases (default: move them onto the int32 grid s_x*s_w that integer '
+                        'kernels and onnxruntime\'s default session use; the PyTorch model is compared with that)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
     return p.parse_args(argv)
 
@@ -96,8 +101,9 @@ def input_tensor(args: argparse.Namespace, cfg, model):
 
 
 def export(args: argparse.Namespace) -> Dict[str, Any]:
-    from qdrop_mm.export import (MethodForward, compare_outputs, export_onnx, first_divergence, qdq_node_counts,
-                                 quantizer_agreement, reference_outputs, run_onnxruntime, to_qdq)
+    from qdrop_mm.export import (MethodForward, compare_outputs, describe_rounding, export_onnx, first_divergence,
+                                 prepare_export, qdq_node_counts, quantizer_agreement, reference_outputs,
+                                 run_onnxruntime)
     from qdrop_mm.export.onnx_io import require_onnx
     from qdrop_mm.api import build_quantized_model
     require_onnx()
@@ -105,27 +111,31 @@ def export(args: argparse.Namespace) -> Dict[str, Any]:
     if not hasattr(model, 'extract_feat'):
         raise ValueError(f'{type(model).__name__} has no extract_feat: only detectors and segmentors are supported')
     x = input_tensor(args, cfg, model)
-    exported, summary = to_qdq(model)
+    prepared = prepare_export(model, lambda m: m.extract_feat(x), args.activation_storage, not args.float_bias)
+    exported, summary = prepared.module, prepared.summary
     out = output_path(args)
     graph_module = MethodForward(exported, 'extract_feat')
     export_onnx(graph_module, x, out, opset=args.opset, dynamic=args.dynamic)
     nodes = qdq_node_counts(out)
     print(f'wrote {out}: input {list(x.shape)} (preprocessed image), outputs = extract_feat (backbone + neck)')
     print(f'  {summary.describe()}')
+    if not args.float_bias:
+        print(f'  {describe_rounding(prepared.biases)}')
     print(f'  graph: {nodes.get("QuantizeLinear", 0)} QuantizeLinear, {nodes.get("DequantizeLinear", 0)} '
           f'DequantizeLinear, {nodes.get("Clip", 0)} Clip')
     if summary.uint8_tensors:
-        print(f'  note: {len(summary.uint8_tensors)} 8-bit tensor(s) need a non-zero zero point (UINT8): valid ONNX '
-              f'and exact in onnxruntime, but TensorRT accepts only zero point 0, e.g. {summary.uint8_tensors[:3]}')
-    result: Dict[str, Any] = {'out': out, 'summary': summary, 'nodes': nodes, 'parity': None}
+        print(f'  note: {len(summary.uint8_tensors)} tensor(s) stored as UINT8: valid ONNX and exact in onnxruntime, '
+              f'but TensorRT takes only INT8 with zero point 0, e.g. {summary.uint8_tensors[:3]}')
+    result: Dict[str, Any] = {'out': out, 'summary': summary, 'nodes': nodes, 'parity': None,
+                              'biases': prepared.biases, 'model': model}
     if args.check or args.check_image:
         reference = reference_outputs(MethodForward(model, 'extract_feat'), x)
         result['parity'] = compare_outputs(reference, run_onnxruntime(out, x))
         result['parity_bias_int32'] = compare_outputs(reference, run_onnxruntime(out, x, quantize_bias=True))
         source = args.check_image or 'seeded random input'
         print(f'onnxruntime vs PyTorch fake-quant ({source}): {result["parity"].describe()}')
-        print(f'  onnxruntime default session (rounds conv biases to int32 at scale s_x*s_w): '
-              f'{result["parity_bias_int32"].describe()}')
+        print(f'  onnxruntime default session (rounds conv biases to int32 at scale s_x*s_w'
+              f'{"" if args.float_bias else ": already on that grid"}): {result["parity_bias_int32"].describe()}')
         result['agreement'] = quantizer_agreement(out, graph_module, x)
         first = first_divergence(result['agreement'])
         if first is None:

@@ -166,13 +166,17 @@ def run_onnxruntime(path: str, x: Tensor, optimization: str = 'all', quantize_bi
 def activation_qdq_outputs(path: str) -> List[Tuple[str, str]]:
     """(module path, DequantizeLinear output) of every activation Q/DQ pair, in graph order.
 
-    The module path comes from the QuantizeLinear scale's initializer name, ``<module path>.scale``.
+    The module path comes from the QuantizeLinear scale's initializer name, ``<module path>.scale``. A quantizer
+    written as two pairs (QuantizeLinear after the conv, then Clip and the final pair) counts once: its output
+    is the last pair.
     """
     import onnx
     graph = onnx.load(path).graph
     dq_of = {n.input[0]: n for n in graph.node if n.op_type == 'DequantizeLinear'}
-    pairs = []
+    pairs: Dict[str, str] = {}
     for node in graph.node:
         if node.op_type == 'QuantizeLinear' and node.output[0] in dq_of and node.input[1].endswith('.scale'):
-            pairs.append((node.input[1][:-len('.scale')], dq_of[node.output[0]].output[0]))
-    return pairs
+            name = node.input[1][:-len('.scale')]
+            pairs.pop(name, None)
+            pairs[name] = dq_of[node.output[0]].output[0]
+    return list(pairs.items())

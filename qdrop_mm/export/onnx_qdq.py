@@ -21,15 +21,26 @@ How our unsigned grid 0 … 2^b−1 with zero point z is written (exact):
   z = 128; weights whose hardened integers all lie in [−127, 127]),
   otherwise UINT8 with the zero point z (valid ONNX, exact in onnxruntime;
   TensorRT accepts only zero point 0). :class:`QDQSummary` lists those.
+
+Placement for integer kernels. Runtimes fuse DequantizeLinear → Conv →
+QuantizeLinear into one integer conv (onnxruntime's QLinearConv) only when the
+QuantizeLinear follows the Conv directly (at most a Relu/Clip that the
+storage range makes redundant). A b-bit grid stored in INT8 needs its own
+Clip, so a layer whose activation is ReLU (or none) is written as
+Conv → QuantizeLinear (INT8, saturating) → DequantizeLinear → Clip →
+QuantizeLinear → DequantizeLinear: rounding before the Clip gives the same
+integers because the Clip bounds and 0 (the ReLU) lie on the grid.
+Other activations keep activation → Clip → QuantizeLinear → DequantizeLinear.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from qdrop_mm.core.adaround import AdaRoundQuantizer
 from qdrop_mm.core.lsq import LSQActQuantizer
@@ -38,6 +49,7 @@ from qdrop_mm.core.qmodules import QuantLayer, apply_layer
 INT8_RANGE = (-128, 127)
 INT8_WEIGHT_RANGE = (-127, 127)  # TensorRT's range for INT8 weights
 UINT8_RANGE = (0, 255)
+ACTIVATION_STORAGE = ('int8', 'uint8')
 
 
 def _storage_range(dtype: torch.dtype) -> Tuple[int, int]:
@@ -65,6 +77,29 @@ class _QuantizeDequantize(torch.autograd.Function):
         return g.op('DequantizeLinear', q, scale, zero_point)
 
 
+class _RequantizeClip(torch.autograd.Function):
+    """QuantizeLinear → DequantizeLinear → Clip → QuantizeLinear → DequantizeLinear, per tensor.
+
+    Equal to Clip → QuantizeLinear → DequantizeLinear when the Clip bounds lie on the grid and inside the
+    storage range; the first QuantizeLinear directly after a Conv lets runtimes fuse it into an integer conv.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, clip_lo: Tensor, clip_hi: Tensor) -> Tensor:
+        lo, hi = _storage_range(zero_point.dtype)
+        z = zero_point.to(x.dtype)
+        q = torch.clamp(torch.round(x / scale) + z, lo, hi)
+        x = torch.clamp((q - z) * scale, clip_lo, clip_hi)
+        q = torch.clamp(torch.round(x / scale) + z, lo, hi)
+        return (q - z) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, clip_lo, clip_hi):
+        q = g.op('QuantizeLinear', x, scale, zero_point)
+        x = g.op('Clip', g.op('DequantizeLinear', q, scale, zero_point), clip_lo, clip_hi)
+        return g.op('DequantizeLinear', g.op('QuantizeLinear', x, scale, zero_point), scale, zero_point)
+
+
 class _DequantizeWeight(torch.autograd.Function):
     """DequantizeLinear of an integer weight constant, per output channel (axis 0)."""
 
@@ -88,16 +123,24 @@ class QDQActivation(nn.Module):
         self.register_buffer('zero_point', zero_point)
         self.register_buffer('clip_lo', clip_lo)
         self.register_buffer('clip_hi', clip_hi)
+        self.register_buffer('relu_clip_lo', torch.clamp(clip_lo, min=0.0))  # after a ReLU folded into the Clip
         self.clip = clip
         self.bits = bits
 
     @classmethod
-    def from_quantizer(cls, q: LSQActQuantizer) -> 'QDQActivation':
-        """The exact export form of a calibrated LSQ quantizer's grid s·(clamp(round(x/s)+z, 0, Q) − z)."""
+    def from_quantizer(cls, q: LSQActQuantizer, storage: str = 'int8') -> 'QDQActivation':
+        """The exact export form of a calibrated LSQ quantizer's grid s·(clamp(round(x/s)+z, 0, Q) − z).
+
+        ``storage='int8'``: INT8 with zero point 0 where the grid fits (TensorRT), else UINT8 with zero point z.
+        ``'uint8'``: always UINT8 with zero point z (the grid as it is: onnxruntime's x86 integer kernels take
+        UINT8 activations and convert an INT8 pair only when it has a single consumer).
+        """
+        if storage not in ACTIVATION_STORAGE:
+            raise ValueError(f'activation storage must be one of {ACTIVATION_STORAGE}, got {storage!r}')
         scale = q.scale.detach().float().reshape(())
         z = int(q.zero_point.item())
         lo, hi = -z, q.qmax - z
-        if INT8_RANGE[0] <= lo and hi <= INT8_RANGE[1]:
+        if storage == 'int8' and INT8_RANGE[0] <= lo and hi <= INT8_RANGE[1]:
             dtype, stored_zp, full = torch.int8, 0, (lo, hi) == INT8_RANGE
         else:
             dtype, stored_zp, full = torch.uint8, z, q.qmax == UINT8_RANGE[1]
@@ -111,6 +154,23 @@ class QDQActivation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _QuantizeDequantize.apply(x, self.scale, self.zero_point, self.clip_lo, self.clip_hi, self.clip)
+
+    def quantize_after(self, y: Tensor, activation: Optional[nn.Module], requantize: bool = True) -> Tensor:
+        """self(activation(y)), written so that a runtime can fuse the QuantizeLinear into the producer of ``y``.
+
+        With ``requantize`` and a ReLU or no activation, the first QuantizeLinear follows ``y`` directly (see the
+        module docstring): the ReLU becomes the Clip's lower bound 0, and the Clip is left out when the storage
+        range alone gives the grid's range. Otherwise: activation, then Clip → QuantizeLinear → DequantizeLinear.
+        """
+        relu = isinstance(activation, nn.ReLU)
+        if not requantize or (activation is not None and not relu):
+            return self(activation(y) if activation is not None else y)
+        clip_lo = self.relu_clip_lo if relu else self.clip_lo
+        lo, hi = _storage_range(self.zero_point.dtype)
+        z = int(self.zero_point)
+        if torch.equal(clip_lo, (lo - z) * self.scale) and torch.equal(self.clip_hi, (hi - z) * self.scale):
+            return _QuantizeDequantize.apply(y, self.scale, self.zero_point, self.clip_lo, self.clip_hi, False)
+        return _RequantizeClip.apply(y, self.scale, self.zero_point, clip_lo, self.clip_hi)
 
     def extra_repr(self) -> str:
         return f'bits={self.bits}, storage={self.storage}, zero_point={int(self.zero_point)}, clip={self.clip}'
@@ -135,8 +195,10 @@ def integer_weight(layer: QuantLayer) -> Tuple[Tensor, Tensor, Tensor]:
 class QDQLayer(nn.Module):
     """A QuantLayer in export form: integer weight + DequantizeLinear, conv/linear, activation, output QDQ."""
 
-    def __init__(self, layer: QuantLayer) -> None:
+    def __init__(self, layer: QuantLayer, options: Optional['QDQOptions'] = None, float_weight: bool = False) -> None:
         super().__init__()
+        options = options or QDQOptions()
+        self.requantize = options.requantize
         wq = layer.weight_quantizer
         if not wq.enabled:
             raise ValueError('weight quantizer is disabled; enable it before export')
@@ -147,6 +209,9 @@ class QDQLayer(nn.Module):
         self.register_buffer('weight_int', w_int)
         self.register_buffer('weight_scale', scale)
         self.register_buffer('weight_zero_point', zp)
+        # float_weight: the same values as an FP32 constant (no DequantizeLinear)
+        self.register_buffer('weight_float', _DequantizeWeight.forward(None, w_int, scale, zp).detach()
+                             if float_weight else None)
         self.register_buffer('bias', layer.bias.detach().clone())
         self.bits = wq.bits
         self.kind = layer.kind
@@ -155,25 +220,41 @@ class QDQLayer(nn.Module):
             self.dilation, self.groups = layer.dilation, layer.groups
         self.norm = copy.deepcopy(getattr(layer, 'norm', None))
         self.activation = copy.deepcopy(layer.activation)
-        self.act_quantizer = act_export_form(layer.act_quantizer)
+        self.act_quantizer = act_export_form(layer.act_quantizer, options.activation_storage)
         if getattr(layer, 'input_quantizer', None) is not None:
-            self.input_quantizer = act_export_form(layer.input_quantizer)
+            self.input_quantizer = act_export_form(layer.input_quantizer, options.activation_storage)
 
     @property
     def storage(self) -> str:
+        if self.weight_float is not None:
+            return 'float'
         return 'int8' if self.weight_int.dtype == torch.int8 else 'uint8'
 
     def dequantized_weight(self) -> Tensor:
+        if self.weight_float is not None:
+            return self.weight_float
         return _DequantizeWeight.apply(self.weight_int, self.weight_scale, self.weight_zero_point)
 
     def forward(self, x: Tensor) -> Tensor:
-        return apply_layer(self, x, self.dequantized_weight())
+        if not isinstance(self.act_quantizer, QDQActivation):
+            return apply_layer(self, x, self.dequantized_weight())
+        # apply_layer with the output quantizer in its fusable placement (QDQActivation.quantize_after)
+        if getattr(self, 'input_quantizer', None) is not None:
+            x = self.input_quantizer(x)
+        weight = self.dequantized_weight()
+        if self.kind == 'conv':
+            y = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            y = F.linear(x, weight, self.bias)
+        if self.norm is not None:
+            y = self.norm(y)
+        return self.act_quantizer.quantize_after(y, self.activation, self.requantize)
 
     def extra_repr(self) -> str:
         return f'{self.kind}, bits={self.bits}, storage={self.storage}, weight={tuple(self.weight_int.shape)}'
 
 
-def act_export_form(q: Optional[LSQActQuantizer]) -> Optional[nn.Module]:
+def act_export_form(q: Optional[LSQActQuantizer], storage: str = 'int8') -> Optional[nn.Module]:
     """The export replacement of an activation quantizer: QDQ, or None/Identity where it passes x through."""
     if q is None:
         return None
@@ -185,7 +266,29 @@ def act_export_form(q: Optional[LSQActQuantizer]) -> Optional[nn.Module]:
     if q.drop_prob < 1.0:
         raise ValueError(f'activation quantizer has drop_prob={q.drop_prob} (QDrop training mode); '
                          f'set drop_prob=1.0 to export the deployed model')
-    return QDQActivation.from_quantizer(q)
+    return QDQActivation.from_quantizer(q, storage)
+
+
+@dataclass(frozen=True)
+class QDQOptions:
+    """How :func:`to_qdq` writes the quantizers (all choices give the same values).
+
+    ``requantize``: each layer's output QuantizeLinear directly after its conv/linear where the activation
+    allows it (ReLU or none), so runtimes fuse integer kernels; ``False``: activation → Clip → Q → DQ.
+    ``activation_storage``: ``'int8'`` (zero point 0 where the grid fits: TensorRT) or ``'uint8'`` (zero point
+    z: onnxruntime's x86 CPU kernels, which take UINT8 activations). ``float_weights``: layers whose
+    (fake-quantized) weights are written as FP32 constants with their exact values, e.g. an 8-bit stem whose
+    two-sided grid needs a UINT8 zero point and whose input is not quantized anyway (see ``prepare_export``).
+    """
+
+    requantize: bool = True
+    activation_storage: str = 'int8'
+    float_weights: FrozenSet[str] = frozenset()  # layer paths whose weights are written as FP32 constants
+
+    def __post_init__(self) -> None:
+        if self.activation_storage not in ACTIVATION_STORAGE:
+            raise ValueError(f'activation storage must be one of {ACTIVATION_STORAGE}, '
+                             f'got {self.activation_storage!r}')
 
 
 @dataclass
@@ -197,25 +300,27 @@ class QDQSummary:
 
     @property
     def uint8_tensors(self) -> List[str]:
-        """Tensors with a non-zero zero point (8-bit grids that do not fit INT8): not TensorRT-consumable."""
+        """UINT8 tensors (8-bit grids that do not fit INT8 with zero point 0, or UINT8 activations by choice):
+        not TensorRT-consumable."""
         return [name for name, _, storage in self.weights + self.activations if storage == 'uint8']
 
     def describe(self) -> str:
         def count(items, storage):
             return sum(s == storage for _, _, s in items)
-        return (f'{len(self.weights)} weight DequantizeLinear (per channel; {count(self.weights, "int8")} INT8, '
-                f'{count(self.weights, "uint8")} UINT8), {len(self.activations)} activation Quantize/DequantizeLinear '
+        n_float = count(self.weights, 'float')
+        return (f'{len(self.weights) - n_float} weight DequantizeLinear (per channel; {count(self.weights, "int8")} INT8, '
+                f'{count(self.weights, "uint8")} UINT8), {n_float} FP32 weight constant(s), {len(self.activations)} activation Quantize/DequantizeLinear '
                 f'pairs (per tensor; {count(self.activations, "int8")} INT8, {count(self.activations, "uint8")} UINT8)')
 
 
-def _convert_children(module: nn.Module, prefix: str, summary: QDQSummary) -> None:
+def _convert_children(module: nn.Module, prefix: str, summary: QDQSummary, options: QDQOptions) -> None:
     for name, child in list(module.named_children()):
         path = f'{prefix}.{name}' if prefix else name
         if isinstance(child, QuantLayer):
-            setattr(module, name, _export_layer(child, path, summary))
+            setattr(module, name, _export_layer(child, path, summary, options))
         elif isinstance(child, LSQActQuantizer):
             try:
-                new = act_export_form(child)
+                new = act_export_form(child, options.activation_storage)
             except ValueError as err:
                 raise ValueError(f'{path}: {err}') from None
             setattr(module, name, new)
@@ -224,12 +329,12 @@ def _convert_children(module: nn.Module, prefix: str, summary: QDQSummary) -> No
         elif isinstance(child, AdaRoundQuantizer):
             raise ValueError(f'{path}: a weight quantizer outside a QuantLayer cannot be exported')
         else:
-            _convert_children(child, path, summary)
+            _convert_children(child, path, summary, options)
 
 
-def _export_layer(layer: QuantLayer, path: str, summary: QDQSummary) -> nn.Module:
+def _export_layer(layer: QuantLayer, path: str, summary: QDQSummary, options: QDQOptions) -> nn.Module:
     try:
-        new = QDQLayer(layer)
+        new = QDQLayer(layer, options, float_weight=path in options.float_weights)
     except ValueError as err:
         raise ValueError(f'{path or type(layer).__name__}: {err}') from None
     summary.weights.append((path, new.bits, new.storage))
@@ -240,15 +345,19 @@ def _export_layer(layer: QuantLayer, path: str, summary: QDQSummary) -> nn.Modul
     return new
 
 
-def to_qdq(model: nn.Module) -> Tuple[nn.Module, QDQSummary]:
+def to_qdq(model: nn.Module, options: Optional[QDQOptions] = None) -> Tuple[nn.Module, QDQSummary]:
     """A copy of ``model`` in export form (the model itself is untouched) and what was converted.
+
+    ``options`` (:class:`QDQOptions`) choose the Q/DQ placement and the activation storage; every choice
+    computes the same values.
 
     Raises ``ValueError`` naming the module when a quantizer is not in a deployable state
     (soft rounding, uncalibrated or dropping activation quantizer, disabled weight quantizer).
     """
+    options = options or QDQOptions()
     exported = copy.deepcopy(model)
     summary = QDQSummary()
     if isinstance(exported, QuantLayer):
-        return _export_layer(exported, '', summary), summary
-    _convert_children(exported, '', summary)
+        return _export_layer(exported, '', summary, options), summary
+    _convert_children(exported, '', summary, options)
     return exported, summary

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .onnx_io import activation_qdq_outputs, run_onnxruntime
-from .onnx_qdq import QDQActivation
+from .onnx_qdq import QDQActivation, QDQLayer
 
 
 @dataclass
@@ -88,8 +88,14 @@ def quantizer_agreement(path: str, module: nn.Module, x: Tensor, optimization: s
     for name, _ in pairs:
         if not isinstance(names.get(name), QDQActivation):
             raise ValueError(f'graph quantizer {name!r} is not a QDQActivation of the given module')
-        handles.append(names[name].register_forward_hook(
-            lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())))
+        owner, _, attr = name.rpartition('.')
+        if attr == 'act_quantizer' and isinstance(names.get(owner), QDQLayer):
+            # the layer applies it with quantize_after (no forward call): its output is the quantizer's
+            handles.append(names[owner].register_forward_hook(
+                lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())))
+        else:
+            handles.append(names[name].register_forward_hook(
+                lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())))
     try:
         with torch.no_grad():
             module(x)

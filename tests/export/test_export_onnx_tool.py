@@ -68,10 +68,19 @@ def test_graph_has_one_qdq_per_quantizer(exported):
     n_act = sum(isinstance(m, LSQActQuantizer) for m in model.modules())
     n_w = sum(isinstance(m, QuantLayer) for m in model.modules())
     assert (n_w, n_act) == (1 + 16 + 3 + 8, 1 + 16 + 4)  # stem, 8 blocks (+3 shortcuts), FPN; acts: no FPN outputs
-    assert result['nodes']['QuantizeLinear'] == len(result['summary'].activations) == n_act
-    assert result['nodes']['DequantizeLinear'] == n_act + n_w
+    assert len(result['summary'].activations) == n_act
+    # a layer's own output quantizer (stem, first conv of each block, FPN laterals: 13) is written as
+    # Conv -> Q -> DQ -> Clip -> Q -> DQ (fusable); the 8 residual-sum quantizers as Clip -> Q -> DQ
+    layer_owned = sum(isinstance(m, QuantLayer) and isinstance(m.act_quantizer, LSQActQuantizer)
+                      for m in model.modules())
+    assert layer_owned == 13
+    assert result['nodes']['QuantizeLinear'] == n_act + layer_owned
+    # the 8-bit stem's two-sided weights would need a UINT8 zero point; its input is the (FP) image, so they
+    # are written as FP32 constants: every zero point in the graph is 0 and all storage INT8 (TensorRT)
+    assert result['summary'].uint8_tensors == []
+    assert [w for w in result['summary'].weights if w[2] == 'float'] == [('backbone.conv1', 8, 'float')]
+    assert result['nodes']['DequantizeLinear'] == n_act + layer_owned + n_w - 1
     assert result['nodes']['Clip'] == n_act  # 4-bit activations: range restricted before QuantizeLinear
-    assert result['summary'].uint8_tensors == ['backbone.conv1']  # the 8-bit stem's two-sided weights
 
 
 def test_weight_constants_lie_on_their_grids(exported):
@@ -79,12 +88,13 @@ def test_weight_constants_lie_on_their_grids(exported):
     result, model = exported
     layers = {f'model.{n}.weight_int': m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
     consts = weight_constants(result['out'])
+    del layers['model.backbone.conv1.weight_int']  # an FP32 constant (see above)
     assert sorted(c.name for c in consts) == sorted(layers)
     for const in consts:
         wq = layers[const.name].weight_quantizer
         z = wq.zero_point.numpy().astype(np.int32).reshape(-1, *([1] * (const.values.ndim - 1)))
         levels = const.values.astype(np.int32) + (z if const.values.dtype == np.int8 else 0)
-        assert const.values.dtype == (np.int8 if wq.bits < 8 else np.uint8)
+        assert const.values.dtype == np.int8 and not const.zero_point.any()
         assert levels.min() >= 0 and levels.max() <= 2 ** wq.bits - 1, const.name
         dequant = (levels - z).astype(np.float32) * const.scale.reshape(z.shape)
         assert np.array_equal(dequant, layers[const.name].quantized_weight().numpy()), const.name
@@ -100,12 +110,18 @@ def _assert_parity(parity, agreement):
 
 
 def test_features_match_pytorch_at_export_and_other_shapes(exported):
-    from qdrop_mm.export import (MethodForward, compare_outputs, quantizer_agreement, random_input,
-                                 reference_outputs, run_onnxruntime, to_qdq)
-    result, model = exported
+    from qdrop_mm.export import (MethodForward, compare_outputs, off_grid_biases, quantizer_agreement,
+                                 random_input, reference_outputs, run_onnxruntime, to_qdq)
+    result, _ = exported
+    model = result['model']  # the tool's model, biases on the int32 grid
     assert result['parity'].numel == 256 * (32 * 40 + 16 * 20 + 8 * 10 + 4 * 5 + 2 * 3)  # 5 FPN levels
     assert len(result['agreement']) == 21 and all(a.numel > 0 for a in result['agreement'])
     _assert_parity(result['parity'], result['agreement'])
+    # onnxruntime's default session (bias rounding to int32) computes the same: the biases are on that grid
+    assert off_grid_biases(result['out']) == [] and len(result['biases']) == 16 + 3 + 4 + 1
+    default_agreement = quantizer_agreement(result['out'], MethodForward(to_qdq(model)[0], 'extract_feat'),
+                                            random_input(SHAPE), 'all', True)
+    _assert_parity(result['parity_bias_int32'], default_agreement)
     x = random_input((2, 3, 96, 128), seed=1)
     other = compare_outputs(reference_outputs(MethodForward(model, 'extract_feat'), x),
                             run_onnxruntime(result['out'], x))

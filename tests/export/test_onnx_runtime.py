@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from qdrop_mm.core import LSQActQuantizer, QuantLayer
-from qdrop_mm.export import (MethodForward, QDQActivation, compare_outputs, export_onnx, first_divergence,
+from qdrop_mm.export import (MethodForward, QDQActivation, QDQOptions, compare_outputs, export_onnx, first_divergence,
                              qdq_node_counts, quantizer_agreement, reference_outputs, run_onnxruntime, to_qdq,
                              weight_constants)
 
@@ -56,15 +56,25 @@ def exported_toy(hardened_toy, tmp_path_factory):
     return net, batches, exported, path
 
 
-def test_toy_graph_has_one_qdq_per_quantizer(exported_toy):
-    net, _, _, path = exported_toy
+def test_toy_graph_has_one_qdq_per_quantizer(exported_toy, tmp_path):
+    net, batches, _, path = exported_toy
     n_act = sum(isinstance(m, LSQActQuantizer) for m in net.modules())
     n_w = sum(isinstance(m, QuantLayer) for m in net.modules())
+    # stem and each block's first conv own their output quantizer: Conv -> Q -> DQ -> Clip -> Q -> DQ, so the
+    # first QuantizeLinear follows the Conv (fusable); the two residual-sum quantizers are Clip -> Q -> DQ
+    owned = sum(isinstance(m, QuantLayer) and isinstance(m.act_quantizer, LSQActQuantizer) for m in net.modules())
     counts = qdq_node_counts(path)
-    assert counts['QuantizeLinear'] == n_act == 5
-    assert counts['DequantizeLinear'] == n_act + n_w == 11
+    assert (n_act, owned) == (5, 3)
+    assert counts['QuantizeLinear'] == n_act + owned
+    assert counts['DequantizeLinear'] == n_act + owned + n_w
     assert counts['Clip'] == 5  # every 4-bit activation needs its range restricted
     assert counts['Conv'] == n_w
+    # the other placement (activation -> Clip -> Q -> DQ) computes the same values
+    plain = str(tmp_path / 'plain.onnx')
+    export_onnx(MethodForward(to_qdq(net, QDQOptions(requantize=False))[0], 'features'), batches[0], plain)
+    assert qdq_node_counts(plain)['QuantizeLinear'] == n_act
+    for b in batches:
+        assert np.array_equal(run_onnxruntime(plain, b, 'disable')[0], run_onnxruntime(path, b, 'disable')[0])
 
 
 def test_toy_weight_constants_lie_on_the_grid(exported_toy):
@@ -118,7 +128,9 @@ def test_linear_layer_exports_as_dequantized_gemm(tmp_path):
     path = str(tmp_path / 'linear.onnx')
     export_onnx(exported, x, path)
     counts = qdq_node_counts(path)
-    assert counts['Gemm'] == 1 and counts['QuantizeLinear'] == 1 and counts['DequantizeLinear'] == 2
+    # Gemm -> Q -> DQ -> Clip(ReLU and the 2-bit range) -> Q -> DQ
+    assert counts['Gemm'] == 1 and counts['QuantizeLinear'] == 2 and counts['DequantizeLinear'] == 3
+    assert counts['Clip'] == 1 and 'Relu' not in counts
     (const,) = weight_constants(path)
     assert const.values.dtype == np.int8 and np.ptp(const.values, axis=1).max() <= 7
     out = run_onnxruntime(path, x)[0]
@@ -145,7 +157,10 @@ def test_qwt_compensated_units_export_with_fp_compensation_convs(tmp_path):
     path = str(tmp_path / 'qwt.onnx')
     export_onnx(MethodForward(exported, 'features'), batches[0], path)
     counts = qdq_node_counts(path)
-    assert counts['QuantizeLinear'] == 5 and counts['DequantizeLinear'] == 5 + 6 and counts['Conv'] == 6 + 2
+    owned = sum(isinstance(m, QuantLayer) and isinstance(m.act_quantizer, LSQActQuantizer) for m in net.modules())
+    assert owned >= 1  # layers still owning their output quantizer get a second QuantizeLinear after the conv
+    assert counts['QuantizeLinear'] == 5 + owned and counts['DequantizeLinear'] == 5 + owned + 6
+    assert counts['Conv'] == 6 + 2
     for b in batches:
         parity = compare_outputs(reference_outputs(MethodForward(net, 'features'), b), run_onnxruntime(path, b))
         first = first_divergence(quantizer_agreement(path, MethodForward(exported, 'features'), b))
