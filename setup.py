@@ -9,6 +9,7 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.9',
     packages=find_packages(include=['qdrop_mm', 'qdrop_mm.*']),
+    package_data={'qdrop_mm.demo': ['checkpoints/*/fp_model.pth', 'checkpoints/*/fp_metrics.json']},
     # The core needs torch only; the OpenMMLab layer needs the rest. Exact, tested
     # versions are in requirements/lock.txt and installed by tools/setup_env.sh.
     install_requires=['torch>=2.0', 'numpy<2'],

@@ -36,7 +36,7 @@ def _options(data_root: Path) -> dict:
     }
 
 
-def test_train_publish_reload_and_cache(tmp_path):
+def test_train_publish_reload_and_cache(tmp_path, monkeypatch):
     data_root, work_dir = tmp_path / "shapes", tmp_path / "work"
     options = _options(data_root)
 
@@ -90,8 +90,30 @@ def test_train_publish_reload_and_cache(tmp_path):
 
     # a different config (here: one more iteration) is not served from the cache
     cfg2 = load_demo_config(FRCNN, {**options, "train_cfg.max_iters": ITERS + 1}, work_dir)
-    from qdrop_mm.demo.training import config_digest
-    assert config_digest(cfg2) != meta["config_digest"]
+    from qdrop_mm.demo import training
+    assert training.config_digest(cfg2) != meta["config_digest"]
+
+    # a shipped model of the same config is used instead of training (a fresh work dir, no cache)
+    shipped = tmp_path / "shipped"
+    (shipped / FRCNN.stem).mkdir(parents=True)
+    for name in ("fp_model.pth", "fp_metrics.json"):
+        (shipped / FRCNN.stem / name).write_bytes((work_dir / name).read_bytes())
+    monkeypatch.setattr(training, "SHIPPED_DIR", shipped)
+    third = train_fp_model(FRCNN, tmp_path / "fresh", options)
+    assert third["cached"] is True and third["metrics"] == first["metrics"]
+    assert (tmp_path / "fresh" / "fp_model.pth").read_bytes() == ckpt.read_bytes()
+    fourth = train_fp_model(FRCNN, tmp_path / "fresh2", {**options, "train_cfg.max_iters": ITERS + 1})
+    assert fourth["cached"] is False and fourth["iterations"] == ITERS + 1  # another config trains
+
+
+def test_the_shipped_demo_model_matches_the_demo_config():
+    from qdrop_mm.demo.training import SHIPPED_DIR, config_digest
+    cfg = load_demo_config(FRCNN)
+    record = json.loads((SHIPPED_DIR / FRCNN.stem / "fp_metrics.json").read_text())
+    published = load_published_weights(SHIPPED_DIR / FRCNN.stem / "fp_model.pth")
+    assert record["config_digest"] == published["meta"]["config_digest"] == config_digest(cfg)
+    assert record["training_command"] == f"python tools/train_demo.py configs/demo/{FRCNN.name} --threads 1"
+    assert set(published["state_dict"]) == set(build_fp_model(cfg).state_dict())
 
 
 def test_publish_rejects_non_plain_meta(tmp_path):
