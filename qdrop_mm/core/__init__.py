@@ -4,6 +4,7 @@ from .bn_fold import fold_bn
 from .capture import capture_inputs
 from .fake_quant import UniformQuantizer, fake_quantize, qparams_from_range, round_ste
 from .lsq import LSQActQuantizer
+from .method_hooks import MethodHooks
 from .methods import (METHODS, CompensationConfig, MethodConfig, PredictionConfig, StageConfig, build_method,
                       register_method)
 from .observers import MinMaxObserver, MSEObserver, build_observer
@@ -23,5 +24,5 @@ __all__ = [
     'QuantOutput', 'QuantResidual', 'act_quantizers', 'quant_state', 'weight_quantizers', 'NonFiniteLossError',
     'ReconResult', 'output_mse', 'reconstruct_unit', 'UnitCache', 'CompensationConfig', 'Compensated',
     'LeastSquaresAccumulator', 'fit_compensation', 'wrap_units', 'PredictionConfig', 'PredictionGroup',
-    'PredictionSource', 'PredictionTerm', 'prediction_difference',
+    'PredictionSource', 'PredictionTerm', 'prediction_difference', 'MethodHooks',
 ]

@@ -13,7 +13,10 @@ distribution correction (``MethodConfig.prediction``, ``core/prediction_loss.py`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .method_hooks import MethodHooks
 
 PAPER_ITERS = 20000
 SCHEDULES = ('paper', 'budget')
@@ -155,6 +158,10 @@ class CompensationConfig:
     placement: str = 'before_quantizer'
     validate: bool = True
 
+    def build_hooks(self, prediction: Any = None) -> 'MethodHooks':
+        from .qwt import CompensationHooks
+        return CompensationHooks(self)
+
     def __post_init__(self) -> None:
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not 0 <= self.ridge < float('inf'):
             raise ValueError(f'ridge must be a finite number >= 0, got {self.ridge!r}')
@@ -188,6 +195,11 @@ class PredictionConfig:
     dc_lr: float = 1e-3
     dc_weight: float = 50.0
     pd_cache_gb: float = 4.0
+
+    def build_hooks(self, prediction: Any = None) -> 'MethodHooks':
+        """``prediction``: the ``PredictionSource`` saying how to get the network's predictions."""
+        from .prediction_loss import PredictionHooks
+        return PredictionHooks(self, prediction)
 
     def __post_init__(self) -> None:
         _check_positive_int('pd_interval', self.pd_interval)
@@ -226,6 +238,10 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if self.act_calibration not in ACT_CALIBRATIONS:
             raise ValueError(f'act_calibration must be one of {ACT_CALIBRATIONS}, got {self.act_calibration!r}')
+
+    def build_hooks(self, prediction: Any = None) -> List['MethodHooks']:
+        """The hooks of the method's additions to the loop, in the order they run (prediction term, compensation)."""
+        return [part.build_hooks(prediction) for part in (self.prediction, self.compensation) if part is not None]
 
     def to_dict(self) -> Dict[str, Any]:
         stages = [{**asdict(s), 'effective_w_lr': s.effective_w_lr, 'effective_a_lr': s.effective_a_lr,

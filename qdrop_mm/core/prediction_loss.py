@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distribution_correction import InputCorrection, bn_mismatch, input_correction
+from .method_hooks import MethodHooks
 from .methods import PredictionConfig, StageConfig
 from .quant_state import quant_state
 from .reconstruct import ProgressFn, ReconResult, reconstruct_unit
@@ -309,3 +310,31 @@ class PredictionTerm:
             if m is unit:
                 return k
         raise ValueError(f'{type(unit).__name__} is not one of the run\'s units')
+
+
+class PredictionHooks(MethodHooks):
+    """PD-Quant as hooks: the FP predictions once after calibration, distribution correction of each unit's
+    cached FP inputs, and the prediction-difference term in each unit's reconstruction."""
+
+    def __init__(self, cfg: PredictionConfig, source: Optional[PredictionSource]) -> None:
+        self.cfg, self.source = cfg, source
+        self.term: Optional[PredictionTerm] = None
+
+    def start(self, model: nn.Module, units: Sequence[Any], batches: Sequence[Any], forward_fn: Any,
+              cache_policy: Optional[CachePolicy]) -> None:
+        if self.source is None:
+            raise ValueError('the method has a prediction term: pass run_ptq(prediction=PredictionSource(predict_fn, '
+                             'fp_unit)) saying how to get the network predictions')
+        self.term = PredictionTerm(model, [(u.name, u.module) for u in units], batches, self.source, self.cfg,
+                                   cache_policy)
+
+    def input_correction(self, unit: Any) -> Optional[InputCorrection]:
+        return self.term.input_correction(unit.name)
+
+    def reconstruct(self, unit: Any, cache: UnitCache, stage: StageConfig,
+                    progress: Optional[ProgressFn]) -> ReconResult:
+        return self.term.reconstruct(unit.module, cache, stage, progress)
+
+    def close(self) -> None:
+        if self.term is not None:
+            self.term.close()

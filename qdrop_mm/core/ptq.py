@@ -7,19 +7,20 @@ units (already replaced by quantized modules), calibration batches and a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .capture import ForwardFn, capture_inputs
-from .methods import MethodConfig, StageConfig
-from .prediction_loss import InputCorrection, PredictionSource, PredictionTerm
-from .qwt import fit_compensation, wrap_units
 from .lsq import LSQActQuantizer
+from .methods import MethodConfig, StageConfig
 from .quant_state import act_quantizers, quant_state
 from .reconstruct import ReconResult, reconstruct_unit
 from .unit_cache import CachePolicy, UnitCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .prediction_loss import PredictionSource
 
 
 @dataclass
@@ -43,8 +44,12 @@ class UnitRecord:
 
 @dataclass
 class PTQResult:
+    """Everything a run did: the method, one record per (stage, unit) in order (restored ones included,
+    then the method's own records, e.g. QwT's fits), and the units as the method ran them."""
+
     method: Dict[str, Any]
     records: List[UnitRecord] = field(default_factory=list)
+    units: List[Unit] = field(default_factory=list)
 
 
 class PTQCallbacks:
@@ -65,9 +70,9 @@ class PTQCallbacks:
     def after_unit(self, record: UnitRecord) -> None:
         pass
 
-    def should_skip(self, stage_idx: int, unit: Unit) -> bool:
-        """True when this unit/stage is already done (e.g. restored on resume)."""
-        return False
+    def restored(self, stage_idx: int, unit: Unit) -> Optional[UnitRecord]:
+        """The record of this unit/stage when it is already done (restored on resume): it is not rerun."""
+        return None
 
     def after_compensation(self, record: UnitRecord) -> None:
         """A unit's QwT compensation was fitted (``record.stage`` = number of stages; not resumable)."""
@@ -115,7 +120,7 @@ def _observe(model: nn.Module, aqs: List[LSQActQuantizer], batches: Sequence[Any
 @torch.no_grad()
 def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
                      stage: StageConfig, policy: Optional[CachePolicy] = None,
-                     correct_fp_input: Optional[InputCorrection] = None) -> UnitCache:
+                     correct_fp_input: Optional[Callable[[Tensor], Tensor]] = None) -> UnitCache:
     """Capture x_fp (all FP), x_q (earlier units quantized) and the FP targets of ``unit``.
 
     ``correct_fp_input`` (PD-Quant's distribution correction) replaces each x_fp before it is
@@ -138,60 +143,62 @@ def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], 
 def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], forward_fn: ForwardFn,
             method: MethodConfig, callbacks: Optional[PTQCallbacks] = None,
             cache_policy: Optional[CachePolicy] = None,
-            prediction: Optional[PredictionSource] = None) -> PTQResult:
+            prediction: Optional['PredictionSource'] = None) -> PTQResult:
     """Quantize ``model`` in place with ``method`` and return what happened per unit.
 
-    With ``method.prediction`` (PD-Quant) ``prediction`` must say how to get the network's
-    predictions from a batch (and, for distribution correction, each unit's FP module);
-    batch i of ``batches`` is cache entry i of every unit.
-
-    With ``method.compensation`` every unit is first wrapped in place in a
-    ``qwt.Compensated`` (``unit.module`` is updated), and after all stages the
-    compensations are fitted in unit order; that pass always runs whole.
+    The method's hooks (``MethodConfig.build_hooks``: QwT's compensation, PD-Quant's prediction
+    term) run at their points; ``prediction`` says how to get the network's predictions from a
+    batch, for methods with a prediction term. Batch i of ``batches`` is cache entry i of every unit.
+    The caller's ``units`` are not changed: ``result.units`` are the units as the method ran them.
     """
     cb = callbacks or PTQCallbacks()
     if not units:
         raise ValueError('no reconstruction units: nothing to quantize')
     model.eval()
-    if method.compensation is not None:
-        for unit, wrapper in zip(units, wrap_units(model, [u.module for u in units], method.compensation.placement)):
-            unit.module = wrapper
-    cb.before_calibration(len(act_quantizers(model)))
-    calibrate_activations(model, batches, forward_fn, units if method.act_calibration == 'quantized' else None)
-    cb.after_calibration()
-    pd_term = None
-    if method.prediction is not None:
-        if prediction is None:
-            raise ValueError(f'method {method.name!r} has a prediction term: pass run_ptq(prediction='
-                             f'PredictionSource(predict_fn, fp_unit)) saying how to get the network predictions')
-        pd_term = PredictionTerm(model, [(u.name, u.module) for u in units], batches, prediction,
-                                 method.prediction, cache_policy)
+    hooks = method.build_hooks(prediction)
     result = PTQResult(method.to_dict())
-    for stage_idx, stage in enumerate(method.stages):
-        for unit in units:
-            if cb.should_skip(stage_idx, unit):
-                continue
-            cb.before_unit(stage_idx, unit)
-            cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, cache_policy,
-                                     pd_term.input_correction(unit.name) if pd_term else None)
-            try:
-                rec = pd_term.reconstruct(unit.module, cache, stage, cb.progress) if pd_term else \
-                    reconstruct_unit(unit.module, cache, stage, progress=cb.progress)
-            finally:
-                cache.close()
-            record = UnitRecord(unit.name, unit.kind, stage_idx, rec, cache.num_bytes(), cache.usage())
-            result.records.append(record)
-            cb.after_unit(record)
-    if pd_term is not None:
-        pd_term.close()
-    if method.compensation is not None:
-        for unit in units:
-            fit = fit_compensation(model, unit.module, batches, forward_fn, method.compensation.ridge,
-                                   method.compensation.validate)
-            if fit is not None:
-                record = UnitRecord(unit.name, unit.kind, len(method.stages), fit, 0)
-                result.records.append(record)
-                cb.after_compensation(record)
-            else:
-                cb.compensation_not_possible(unit)
+    try:
+        run_units = list(units)
+        for hook in hooks:
+            run_units = hook.structure(model, run_units)
+        result.units = run_units
+        cb.before_calibration(len(act_quantizers(model)))
+        calibrate_activations(model, batches, forward_fn, run_units if method.act_calibration == 'quantized' else None)
+        cb.after_calibration()
+        for hook in hooks:
+            hook.start(model, run_units, batches, forward_fn, cache_policy)
+        for stage_idx, stage in enumerate(method.stages):
+            for unit in run_units:
+                done = cb.restored(stage_idx, unit)
+                if done is not None:
+                    result.records.append(done)
+                    continue
+                cb.before_unit(stage_idx, unit)
+                result.records.append(_reconstruct(model, unit, stage_idx, stage, batches, forward_fn, hooks,
+                                                   cache_policy, cb))
+                cb.after_unit(result.records[-1])
+        for hook in hooks:
+            hook.finalize(model, run_units, batches, forward_fn, cb, result)
+    finally:
+        for hook in hooks:
+            hook.close()
     return result
+
+
+def _reconstruct(model: nn.Module, unit: Unit, stage_idx: int, stage: StageConfig, batches: Sequence[Any],
+                 forward_fn: ForwardFn, hooks: Sequence[Any], cache_policy: Optional[CachePolicy],
+                 cb: PTQCallbacks) -> UnitRecord:
+    corrections = [c for c in (h.input_correction(unit) for h in hooks) if c is not None]
+    correct = corrections[0] if corrections else None
+    cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, cache_policy, correct)
+    try:
+        rec = None
+        for hook in hooks:
+            rec = hook.reconstruct(unit, cache, stage, cb.progress)
+            if rec is not None:
+                break
+        if rec is None:
+            rec = reconstruct_unit(unit.module, cache, stage, progress=cb.progress)
+    finally:
+        cache.close()
+    return UnitRecord(unit.name, unit.kind, stage_idx, rec, cache.num_bytes(), cache.usage())

@@ -32,8 +32,9 @@ The fit is one solve of a (C_in+1)² system per candidate; no gradient steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -41,9 +42,14 @@ from torch import Tensor, nn
 from .capture import ForwardFn, capture_inputs
 from .distributed import all_reduce_sum_
 from .lsq import LSQActQuantizer
+from .method_hooks import MethodHooks
 from .methods import COMPENSATION_PLACEMENTS
 from .quant_state import quant_state, weight_quantizers
 from .reconstruct import ReconResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .methods import CompensationConfig
+    from .ptq import PTQCallbacks, PTQResult, Unit
 
 ROWS_PER_CHUNK = 1 << 16
 RIDGE_STEPS = (1.0, 1e2, 1e4)
@@ -295,3 +301,27 @@ def fit_compensation(model: nn.Module, wrapper: Compensated, batches: Sequence[A
         after = acc.sse(weight, bias)
     return ReconResult(before / rows, after / rows, 0, time.perf_counter() - start, [],
                        before / ref, after / ref)
+
+
+class CompensationHooks(MethodHooks):
+    """QwT as hooks: every unit wrapped in a :class:`Compensated` before calibration, fitted in unit order after
+    the stages (a record per fitted unit, stage = number of stages; that pass always runs whole)."""
+
+    def __init__(self, cfg: 'CompensationConfig') -> None:
+        self.cfg = cfg
+
+    def structure(self, model: nn.Module, units: List['Unit']) -> List['Unit']:
+        wrappers = wrap_units(model, [u.module for u in units], self.cfg.placement)
+        return [dataclasses.replace(u, module=w) for u, w in zip(units, wrappers)]
+
+    def finalize(self, model: nn.Module, units: Sequence['Unit'], batches: Sequence[Any], forward_fn: ForwardFn,
+                 callbacks: 'PTQCallbacks', result: 'PTQResult') -> None:
+        from .ptq import UnitRecord
+        stage = len(result.method['stages'])
+        for unit in units:
+            fit = fit_compensation(model, unit.module, batches, forward_fn, self.cfg.ridge, self.cfg.validate)
+            if fit is None:
+                callbacks.compensation_not_possible(unit)
+                continue
+            result.records.append(UnitRecord(unit.name, unit.kind, stage, fit, 0))
+            callbacks.after_compensation(result.records[-1])

@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from qdrop_mm.core import QuantLayer, QuantOutput, QuantResidual, Unit
-from qdrop_mm.core.methods import CompensationConfig
 from qdrop_mm.core.quant_state import weight_quantizers
-from qdrop_mm.core.qwt import Compensated, wrap_unit
+from qdrop_mm.core.qwt import Compensated
 
 from .settings import PTQSettings
 
@@ -60,15 +59,10 @@ class UnsupportedModuleError(ValueError):
 
 @dataclass
 class PlanContext:
-    """What rules need while converting: settings, the units found so far, bit choice.
-
-    With ``compensation`` (a QwT method) every unit is wrapped in ``qwt.Compensated`` as it is
-    declared, so quantizing, resuming and loading a saved model all see the same structure.
-    """
+    """What rules need while converting: settings, the units found so far, bit choice."""
 
     settings: PTQSettings
     units: List[Unit] = field(default_factory=list)
-    compensation: Optional[CompensationConfig] = None
     layer_paths: List[str] = field(default_factory=list)
     unfolded_norms: List[Tuple[str, str]] = field(default_factory=list)
     input_layer: Optional[str] = None
@@ -94,12 +88,15 @@ class PlanContext:
                           w_observer=self.settings.w_observer, a_observer=self.settings.a_observer, norm=norm,
                           in_a_bits=a_bits if quantize_input else None)
 
+    def layer_factory(self, path: str, layer: nn.Module, bn: Optional[nn.Module], activation: Optional[nn.Module],
+                      quantize_output: bool) -> QuantLayer:
+        """:meth:`layer` in the signature of ``core.placement.LayerFactory``."""
+        return self.layer(path, layer, bn=bn, activation=activation, quantize_output=quantize_output)
+
     def out_bits(self, path: str) -> int:
         return self.settings.bits_for(path, first_layer=False)[1]
 
     def add_unit(self, path: str, module: nn.Module, kind: str) -> nn.Module:
-        if self.compensation is not None:
-            module = wrap_unit(module, self.compensation.placement)
         self.units.append(Unit(path, module, kind))
         return module
 
@@ -293,10 +290,10 @@ def plan_model(model: nn.Module, settings: PTQSettings,
     """Convert the modules in scope in place and order the units as the network calls them.
 
     Without ``example_forward`` the units follow ``unit_order`` (the order a saved run recorded), else
-    their construction order.
+    their construction order. The method's hooks then give the units their run structure (QwT wraps
+    each in ``qwt.Compensated``), so quantizing, resuming and loading a saved model see the same one.
     """
-    ctx = PlanContext(settings, compensation=settings.build_method().compensation,
-                      input_layer=input_layer_path(model))
+    ctx = PlanContext(settings, input_layer=input_layer_path(model))
     for path, module in resolve_scope(model, settings.scope):
         parent_path, _, name = path.rpartition('.')
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -307,21 +304,24 @@ def plan_model(model: nn.Module, settings: PTQSettings,
         raise ValueError(f'ptq.scope {list(settings.scope)} contains no Conv2d/Linear layer to quantize')
     check_overrides(settings, ctx.layer_paths, scope_paths(model, settings.scope))
     fp_layers = find_fp_layers(model, settings.scope)
+    units = list(ctx.units)
+    for hook in settings.build_method().build_hooks():
+        units = hook.structure(model, units)
     if example_forward is None:
         position = {name: i for i, name in enumerate(unit_order or ())}
-        units = sorted(ctx.units, key=lambda u: position.get(u.name, len(position)))
+        units = sorted(units, key=lambda u: position.get(u.name, len(position)))
         return ModelPlan(units, [], fp_layers, list(ctx.unfolded_norms))
     order: Dict[int, int] = {}
-    handles = [u.module.register_forward_pre_hook(_first_call_recorder(order, id(u.module))) for u in ctx.units]
+    handles = [u.module.register_forward_pre_hook(_first_call_recorder(order, id(u.module))) for u in units]
     try:
         with torch.no_grad():
             example_forward()
     finally:
         for h in handles:
             h.remove()
-    called = [u for u in ctx.units if id(u.module) in order]
+    called = [u for u in units if id(u.module) in order]
     called.sort(key=lambda u: order[id(u.module)])
-    uncalled = [u.name for u in ctx.units if id(u.module) not in order]
+    uncalled = [u.name for u in units if id(u.module) not in order]
     return ModelPlan(called, uncalled, fp_layers, list(ctx.unfolded_norms))
 
 

@@ -30,7 +30,7 @@ import copy
 import os
 import time
 from dataclasses import asdict, replace
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.dist import all_gather_object, get_rank, get_world_size, is_main_process
@@ -39,7 +39,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop
 from mmengine.utils import ProgressBar
 
-from qdrop_mm.core import NonFiniteLossError, PTQCallbacks, PTQResult, Unit, UnitRecord, run_ptq
+from qdrop_mm.core import NonFiniteLossError, PTQCallbacks, Unit, UnitRecord, run_ptq
 from qdrop_mm.core.methods import MethodConfig
 from qdrop_mm.core.quant_state import act_quantizers
 from qdrop_mm.core.sensitivity import quantized_error
@@ -176,13 +176,12 @@ class ResumableCallbacks(LoggingCallbacks):
 
     def __init__(self, logger, units: Sequence[Unit], method: MethodConfig, settings: PTQSettings,
                  store: ResumeStore, manifest: Dict[str, Any], model: torch.nn.Module,
-                 finished: Set[Tuple[int, str]], restored: List[UnitRecord]) -> None:
+                 restored: Dict[Tuple[int, str], UnitRecord]) -> None:
         super().__init__(logger, len(units), len(method.stages), units)
         self.method, self.settings, self.store, self.model = method, settings, store, model
         self.units = list(units)
         self.manifest = manifest
-        self.finished = finished
-        self.records = list(restored)
+        self.finished = dict(restored)
         self.current: Optional[Tuple[int, Unit]] = None
 
     def before_calibration(self, num_quantizers: int) -> None:
@@ -200,12 +199,8 @@ class ResumableCallbacks(LoggingCallbacks):
             self.store.save('calibration', state, self.manifest, rngs)
             self.manifest = dict(self.store.manifest)
 
-    def should_skip(self, stage_idx: int, unit: Unit) -> bool:
-        return (stage_idx, unit.name) in self.finished
-
-    def after_compensation(self, record: UnitRecord) -> None:
-        super().after_compensation(record)
-        self.records.append(record)  # not saved for --resume: the pass reruns whole (seconds, no randomness)
+    def restored(self, stage_idx: int, unit: Unit) -> Optional[UnitRecord]:
+        return self.finished.get((stage_idx, unit.name))
 
     def before_unit(self, stage_idx: int, unit: Unit) -> None:
         super().before_unit(stage_idx, unit)
@@ -213,8 +208,7 @@ class ResumableCallbacks(LoggingCallbacks):
 
     def after_unit(self, record: UnitRecord) -> None:
         super().after_unit(record)
-        self.records.append(record)
-        self.finished.add((record.stage, record.name))
+        self.finished[(record.stage, record.name)] = record
         self.manifest['finished'] = self.manifest.get('finished', []) + [[record.stage, record.name]]
         self.manifest['records'] = self.manifest.get('records', []) + [record_to_dict(record)]
         unit = self.current[1] if self.current else next(u for u in self.units if u.name == record.name)
@@ -318,10 +312,10 @@ class PTQLoop(TestLoop):
                        'checkpoint': checkpoint_identity(getattr(self.runner, '_load_from', None)),
                        'world_size': get_world_size(), 'calibration': all_gather_object(batches_digest(batches))}
         if manifest:
-            finished, restored = self._restore(manifest, fingerprint)
+            restored = self._restore(manifest, fingerprint)
             manifest = dict(store.manifest)
         else:
-            finished, restored = set(), []
+            restored = {}
             seed_everything(settings.seed)
             manifest = {'status': 'running', 'fingerprint': fingerprint, 'num_stages': len(method.stages),
                         'calibrated': False, 'finished': [], 'records': []}
@@ -331,15 +325,13 @@ class PTQLoop(TestLoop):
             if is_main_process() and os.path.exists(path):
                 os.unlink(path)
                 logger.info(f'removed {path} of an earlier run')
-        callbacks = ResumableCallbacks(logger, self.plan.units, method, settings, store, manifest, model,
-                                       finished, restored)
+        callbacks = ResumableCallbacks(logger, self.plan.units, method, settings, store, manifest, model, restored)
         try:
             result = run_ptq(model, self.plan.units, batches, feature_forward, method, callbacks,
                              settings.cache_policy(self.runner.work_dir),
                              build_prediction_source(model, fp_model) if fp_model is not None else None)
         except NonFiniteLossError as err:
             raise self._non_finite(err, callbacks, method) from None
-        result = PTQResult(result.method, sorted(callbacks.records, key=self._record_order))
         feature_error = self._feature_error(batches, held_out) if held_out else None
         t2 = time.perf_counter()
         path = os.path.join(self.runner.work_dir, QUANTIZED_FILE)
@@ -379,8 +371,7 @@ class PTQLoop(TestLoop):
             logger.warning(f'--resume: no resume state in {store.dir}; starting from the beginning')
         return manifest
 
-    def _restore(self, manifest: Dict[str, Any], fingerprint: Dict[str, Any]
-                 ) -> Tuple[Set[Tuple[int, str]], List[UnitRecord]]:
+    def _restore(self, manifest: Dict[str, Any], fingerprint: Dict[str, Any]) -> Dict[Tuple[int, str], UnitRecord]:
         """Check the saved run matches this one, load its quantized state and RNG states."""
         logger, store = self.runner.logger, self.store
         blocking, allowed = compare_fingerprints(manifest.get('fingerprint', {}), fingerprint)
@@ -396,22 +387,17 @@ class PTQLoop(TestLoop):
         rngs = states[-1]['rng']
         set_rng_state(rngs[get_rank()] if isinstance(rngs, list) else rngs)
         store.manifest = dict(manifest, fingerprint=fingerprint, status='running')
-        finished = {(int(s), n) for s, n in manifest.get('finished', [])}
-        restored = [record_from_dict(d) for d in manifest.get('records', [])]
-        self.resumed_units = len(finished)
-        logger.info(f'resuming from {store.dir}: {len(finished)} finished unit(s) restored '
-                    f'(last: {manifest["finished"][-1][1] if finished else "calibration only"})')
-        return finished, restored
-
-    def _record_order(self, rec: UnitRecord) -> Tuple[int, int]:
-        names = [u.name for u in self.plan.units]
-        return rec.stage, names.index(rec.name) if rec.name in names else len(names)
+        restored = {(r.stage, r.name): r for r in map(record_from_dict, manifest.get('records', []))}
+        self.resumed_units = len(restored)
+        logger.info(f'resuming from {store.dir}: {len(restored)} finished unit(s) restored '
+                    f'(last: {manifest["finished"][-1][1] if restored else "calibration only"})')
+        return restored
 
     def _non_finite(self, err: NonFiniteLossError, callbacks: ResumableCallbacks,
                     method: MethodConfig) -> NonFiniteUnitError:
         stage_idx, unit = callbacks.current if callbacks.current else (0, None)
         name = unit.name if unit is not None else '?'
-        index = callbacks._position.get(name, -1) + 1
+        index = [u.name for u in self.plan.units].index(name) + 1 if unit is not None else 0
         iters = method.stages[stage_idx].iters if method.stages else '?'
         done = len(callbacks.finished)
         message = (f'non-finite reconstruction loss ({err.value}) in unit {name} '

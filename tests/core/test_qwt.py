@@ -100,7 +100,8 @@ def test_qwt_lowers_held_out_feature_mse(toy, w_bits, a_bits):
         if method.endswith('qwt'):
             assert [r.name for r in comp] == ['stem', 'block1', 'block2']
             assert all(r.result.iters == 0 and r.result.loss_after < r.result.loss_before for r in comp)
-            assert all(isinstance(u.module, Compensated) and u.module.compensation is not None for u in units)
+            assert all(isinstance(u.module, Compensated) and u.module.compensation is not None for u in result.units)
+            assert not any(isinstance(u.module, Compensated) for u in units)  # the caller's units are not changed
     assert err['qwt'] < 0.95 * err['rtn'], err
     assert err['qdrop_qwt'] < 0.95 * err['qdrop'], err
 

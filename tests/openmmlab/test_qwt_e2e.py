@@ -109,17 +109,17 @@ def test_load_quantized_reproduces_metrics(qwt_run, coco128, tmp_path):
 
 def test_resume_after_a_crash_in_the_compensation_pass(qwt_run, coco128, tmp_path, monkeypatch):
     """The pass is not resumable per unit: --resume restores the finished QDrop units and refits every unit."""
-    import qdrop_mm.core.ptq as core_ptq
+    import qdrop_mm.core.qwt as core_qwt
     from tools.ptq import main
     reference, _, ckpt = qwt_run
-    fit, calls = core_ptq.fit_compensation, []
+    fit, calls = core_qwt.fit_compensation, []
 
     def crash_at_third_unit(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return fit(*args, **kwargs)
-    monkeypatch.setattr(core_ptq, 'fit_compensation', crash_at_third_unit)
+    monkeypatch.setattr(core_qwt, 'fit_compensation', crash_at_third_unit)
     work = tmp_path / 'work'
     args = [CONFIG, '--checkpoint', ckpt, '--work-dir', str(work), '--cfg-options', *data_options(coco128), *METHOD]
     with pytest.raises(KeyboardInterrupt):
@@ -127,6 +127,6 @@ def test_resume_after_a_crash_in_the_compensation_pass(qwt_run, coco128, tmp_pat
     assert not (work / 'quantized.pth').exists() and len(calls) == 3
     manifest = json.loads((work / 'ptq_resume' / 'manifest.json').read_text())
     assert len(manifest['finished']) == len(json.loads((reference / 'ptq_report.json').read_text())['plan'])
-    monkeypatch.setattr(core_ptq, 'fit_compensation', fit)
+    monkeypatch.setattr(core_qwt, 'fit_compensation', fit)
     main(args[:5] + ['--resume'] + args[5:])
     assert_bit_identical(quantized_state(reference), quantized_state(work))
