@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .placement import block_branch, plain_layers, residual_block
 from .ptq import Unit
 from .qmodules import QuantLayer, QuantResidual
 
@@ -88,20 +89,17 @@ class ResNet50FPN(nn.Module):
 
 
 def quantize_bottleneck(block: Bottleneck, w_bits: int, a_bits: int) -> QuantResidual:
-    branch = nn.Sequential(
-        QuantLayer(block.conv1[0], w_bits, bn=block.conv1[1], activation=nn.ReLU(), a_bits=a_bits),
-        QuantLayer(block.conv2[0], w_bits, bn=block.conv2[1], activation=nn.ReLU(), a_bits=a_bits),
-        QuantLayer(block.conv3[0], w_bits, bn=block.conv3[1]))
+    convs = [('conv1', block.conv1[0], block.conv1[1], nn.ReLU()), ('conv2', block.conv2[0], block.conv2[1], nn.ReLU()),
+             ('conv3', block.conv3[0], block.conv3[1], None)]
     shortcut = None if block.downsample is None else \
         QuantLayer(block.downsample[0], w_bits, bn=block.downsample[1])
-    return QuantResidual(branch, shortcut, nn.ReLU(), a_bits=a_bits)
+    return residual_block(convs, shortcut, nn.ReLU(), plain_layers(w_bits, a_bits), a_bits)
 
 
 def quantize_inverted_residual(block: InvertedResidual, w_bits: int, a_bits: int) -> nn.Module:
-    branch = nn.Sequential(
-        QuantLayer(block.expand[0], w_bits, bn=block.expand[1], activation=nn.ReLU6(), a_bits=a_bits),
-        QuantLayer(block.dw[0], w_bits, bn=block.dw[1], activation=nn.ReLU6(), a_bits=a_bits),
-        QuantLayer(block.project[0], w_bits, bn=block.project[1], a_bits=None if block.residual else a_bits))
+    convs = [('expand', block.expand[0], block.expand[1], nn.ReLU6()), ('dw', block.dw[0], block.dw[1], nn.ReLU6()),
+             ('project', block.project[0], block.project[1], None)]
+    branch = block_branch(convs, plain_layers(w_bits, a_bits), residual=block.residual)
     return QuantResidual(branch, None, None, a_bits=a_bits) if block.residual else branch
 
 

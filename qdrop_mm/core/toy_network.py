@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .ptq import Unit
+from .placement import plain_layers, residual_block
 from .qmodules import QuantLayer, QuantResidual
 from .reference_models import calibrate_bn_statistics
 
@@ -76,13 +77,11 @@ def make_toy_setup(seed: int = 0, num_batches: int = 8, batch_size: int = 4, siz
 
 def quantize_toy_block(block: BasicBlock, w_bits: int, a_bits: int) -> QuantResidual:
     """BasicBlock → QuantResidual with activation quantizers placed as the spec says."""
-    branch = nn.Sequential(
-        QuantLayer(block.conv1, w_bits, bn=block.bn1, activation=nn.ReLU(), a_bits=a_bits),
-        QuantLayer(block.conv2, w_bits, bn=block.bn2))
     shortcut = None
     if block.downsample is not None:
         shortcut = QuantLayer(block.downsample[0], w_bits, bn=block.downsample[1])
-    return QuantResidual(branch, shortcut, nn.ReLU(), a_bits=a_bits)
+    return residual_block([('conv1', block.conv1, block.bn1, nn.ReLU()), ('conv2', block.conv2, block.bn2, None)],
+                          shortcut, nn.ReLU(), plain_layers(w_bits, a_bits), a_bits)
 
 
 def quantize_toy_net(net: ToyNet, w_bits: int, a_bits: int, first_bits: int = 8) -> List[Unit]:

@@ -14,6 +14,7 @@ from typing import Optional
 from torch import nn
 
 from qdrop_mm.core import QuantLayer, QuantOutput, QuantResidual
+from qdrop_mm.core.placement import block_branch
 from qdrop_mm.core.qattention import QuantMultiheadAttention
 
 from .block_plan import PlanContext, UnsupportedModuleError, convert, is_activation, is_plain_layer, register_rule
@@ -57,15 +58,12 @@ def _resnet_block(block: nn.Module, path: str, ctx: PlanContext) -> QuantResidua
     """BasicBlock / Bottleneck → QuantResidual (branch acts quantized except the last conv)."""
     if getattr(block, 'with_plugins', False) or getattr(block, 'with_dcn', False):
         raise UnsupportedModuleError(f'{path}: ResNet blocks with plugins or DCN are not supported')
-    convs = ['conv1', 'conv2'] + (['conv3'] if hasattr(block, 'conv3') else [])
-    layers = []
-    for i, name in enumerate(convs, start=1):
-        last = i == len(convs)
-        layers.append(ctx.layer(f'{path}.{name}', _plain(getattr(block, name), f'{path}.{name}'),
-                                bn=getattr(block, f'norm{i}'), activation=None if last else block.relu,
-                                quantize_output=not last))
+    names = ['conv1', 'conv2'] + (['conv3'] if hasattr(block, 'conv3') else [])
+    convs = [(f'{path}.{name}', _plain(getattr(block, name), f'{path}.{name}'), getattr(block, f'norm{i}'),
+              None if i == len(names) else block.relu) for i, name in enumerate(names, start=1)]
+    branch = block_branch(convs, ctx.layer_factory)
     shortcut = _downsample(block.downsample, f'{path}.downsample', ctx)
-    unit = QuantResidual(nn.Sequential(*layers), shortcut, block.relu, ctx.out_bits(path), ctx.settings.a_observer)
+    unit = QuantResidual(branch, shortcut, block.relu, ctx.out_bits(path), ctx.settings.a_observer)
     return ctx.add_unit(path, unit, 'block')
 
 
@@ -108,11 +106,8 @@ def _mmseg_inverted_residual(block: nn.Module, path: str, ctx: PlanContext) -> n
 
 def _inverted_residual(block: nn.Module, path: str, ctx: PlanContext, convs, residual: bool) -> nn.Module:
     """MobileNetV2 block: inner conv outputs quantized; the linear conv's output only via the block output."""
-    layers = []
-    for i, (name, cm) in enumerate(convs):
-        last = i == len(convs) - 1
-        layers.append(_conv_module_layer(cm, f'{path}.{name}', ctx, quantize_output=not last or not residual))
-    branch = nn.Sequential(*layers)
+    branch = block_branch([(f'{path}.{name}', cm, None, None) for name, cm in convs],
+                          lambda p, cm, _bn, _act, quantize: _conv_module_layer(cm, p, ctx, quantize), residual)
     unit = QuantResidual(branch, None, None, ctx.out_bits(path), ctx.settings.a_observer) if residual else branch
     return ctx.add_unit(path, unit, 'block')
 

@@ -111,3 +111,31 @@ def test_saved_unit_order_is_kept_without_a_forward():
     _, model = build_model_from_config('tests/openmmlab/configs/faster_rcnn_r18_coco128_tiny.py')
     saved = sorted(built, key=lambda n: (not n.startswith('backbone'), n))
     assert [u.name for u in plan_model(model, settings, unit_order=saved).units] == saved
+
+
+def _placement(unit):
+    """(activations quantized per branch layer, shortcut output quantized, block output quantized)."""
+    branch = unit.branch if isinstance(unit, QuantResidual) else unit
+    shortcut = unit.shortcut if isinstance(unit, QuantResidual) else None
+    layers = [m for m in branch.modules() if isinstance(m, QuantLayer)]
+    short = [m for m in shortcut.modules() if isinstance(m, QuantLayer)] if shortcut is not None else []
+    return ([m.act_quantizer is not None for m in layers], [m.act_quantizer is not None for m in short],
+            isinstance(unit, QuantResidual) and unit.act_quantizer is not None)
+
+
+def test_the_speed_benchmark_models_place_quantizers_as_the_rules_do():
+    from qdrop_mm.core import reference_models as ref
+    _, model = build_model_from_config('configs/faster_rcnn_r50_w4a4.py')
+    plan = plan_model(model, PTQSettings.from_cfg(dict(w_observer='minmax', a_observer='minmax')))
+    rule_units = {u.name: u.module for u in plan.units}
+    bottleneck = ref.quantize_bottleneck(ref.Bottleneck(64, 16, stride=2), 4, 4)
+    assert _placement(bottleneck) == _placement(rule_units['backbone.layer2.0']) == ([True, True, False], [False], True)
+    _, mbv2 = build_model_from_config('configs/retinanet_mobilenetv2_fpn_w4a4.py')
+    plan = plan_model(mbv2, PTQSettings.from_cfg(dict(w_observer='minmax', a_observer='minmax')))
+    rules = [u.module for u in plan.units if u.kind == 'block']
+    residual = next(m for m in rules if isinstance(m, QuantResidual))
+    plain = next(m for m in rules if not isinstance(m, QuantResidual) and len(_placement(m)[0]) == 3)
+    assert _placement(ref.quantize_inverted_residual(ref.InvertedResidual(16, 16, 1, 6), 4, 4)) == \
+        _placement(residual) == ([True, True, False], [], True)
+    assert _placement(ref.quantize_inverted_residual(ref.InvertedResidual(16, 24, 2, 6), 4, 4)) == \
+        _placement(plain) == ([True, True, True], [], False)
