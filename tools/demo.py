@@ -35,7 +35,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs/demo/faster_rcnn_r18_fpn_shapes_w4a4'))
     p.add_argument('--cfg-options', nargs='+', default=[], help='override config keys of the PTQ run, e.g. ptq.iters=300')
+    p.add_argument('--threads', type=int, default=1,
+                   help='torch CPU threads (default 1: float sums, and so the learned rounding, depend on it)')
     args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
     from qdrop_mm.demo.training import train_fp_model
     from qdrop_mm.api import quantize
     from qdrop_mm.openmmlab.runner import exit_on_error, parse_cfg_options
