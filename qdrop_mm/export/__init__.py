@@ -17,3 +17,9 @@ __all__ += ['BiasRounding', 'describe_rounding', 'grid_bias', 'layer_input_scale
 from .prepare import PreparedExport, prepare_export
 
 __all__ += ['PreparedExport', 'prepare_export']
+from .onnx_io import onnxruntime_session
+from .whole import (GraphPredictor, GraphRunner, WholeModel, compare_detections, compare_segmentation,
+                    example_rois, model_kind)
+
+__all__ += ['onnxruntime_session', 'GraphPredictor', 'GraphRunner', 'WholeModel', 'compare_detections',
+            'compare_segmentation', 'example_rois', 'model_kind']
