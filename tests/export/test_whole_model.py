@@ -109,3 +109,54 @@ def test_console_entry_point(quantized, tmp_path, monkeypatch, capsys):
     console()
     assert 'wrote ' + str(tmp_path / 'c.onnx') in capsys.readouterr().out
     assert np.isfinite((tmp_path / 'c.onnx').stat().st_size)
+
+
+def _random_quantized(config, tmp_path):
+    """A quantized.pth of ``config`` + the default PTQ section: random weights, W4A4, calibrated, hardened."""
+    import os.path as osp
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    from qdrop_mm.core import QuantLayer, calibrate_activations
+    from qdrop_mm.openmmlab import PTQSettings
+    from qdrop_mm.openmmlab.block_plan import plan_model
+    from qdrop_mm.openmmlab.checkpoint import quantized_checkpoint
+    from ..openmmlab.conftest import randomize_bn
+    cfg_path = tmp_path / 'w4a4.py'
+    cfg_path.write_text(f"_base_ = ['{osp.join(REPO, config)}', '{osp.join(REPO, 'configs/_base_/ptq_qdrop.py')}']\n")
+    cfg = Config.fromfile(str(cfg_path))
+    init_default_scope(cfg.default_scope)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    randomize_bn(model)
+    model.eval()
+    settings = PTQSettings.from_cfg(cfg.ptq)
+    plan_model(model, settings)
+    g = torch.Generator().manual_seed(0)
+    calibrate_activations(model, [torch.randn(2, 3, 96, 96, generator=g)], lambda m, b: m.extract_feat(b))
+    for m in model.modules():
+        if isinstance(m, QuantLayer):
+            m.weight_quantizer.init_rounding(m.weight)
+            m.weight_quantizer.set_mode('hard')
+    path = tmp_path / 'quantized.pth'
+    torch.save(quantized_checkpoint(model.state_dict(), {'ptq': settings.to_dict()}), path)
+    return str(cfg_path), path
+
+
+@pytest.mark.parametrize('config,kind,outputs', [
+    ('configs/demo/retinanet_r18_fpn_shapes.py', 'single_stage',
+     [f'cls_{i}' for i in range(LEVELS)] + [f'reg_{i}' for i in range(LEVELS)]),
+    ('configs/demo/sem_fpn_r18_shapes.py', 'segmentor', ['seg_logits']),
+])
+def test_single_stage_and_segmentor_export_whole(config, kind, outputs, tmp_path, one_thread):
+    import onnx
+    from qdrop_mm.cli.export_onnx import main
+    if kind == 'segmentor':
+        pytest.importorskip('mmseg')
+    cfg_path, path = _random_quantized(config, tmp_path)
+    result = main([cfg_path, '--quantized', str(path), '--out', str(tmp_path / 'w.onnx'), '--whole',
+                   '--input-shape', '1', '3', '96', '96', '--check'])
+    assert result['kind'] == kind
+    graph = onnx.load(result['out']).graph
+    assert [i.name for i in graph.input] == ['input'] and [o.name for o in graph.output] == outputs
+    _assert_parity(result['parity_bias_int32'], result['agreement'])
