@@ -10,10 +10,10 @@ __all__ = ['MethodForward', 'activation_qdq_outputs', 'export_onnx', 'qdq_node_c
            'QuantizerAgreement', 'compare_outputs', 'first_divergence', 'quantizer_agreement', 'random_input',
            'reference_outputs']
 from .int32_bias import (BiasRounding, describe_rounding, grid_bias, layer_input_scales, off_grid_biases,
-                         round_biases_to_int32_grid)
+                         requantized_layers, round_biases_to_int32_grid)
 
 __all__ += ['BiasRounding', 'describe_rounding', 'grid_bias', 'layer_input_scales', 'off_grid_biases',
-            'round_biases_to_int32_grid']
+            'requantized_layers', 'round_biases_to_int32_grid']
 from .prepare import PreparedExport, prepare_export
 
 __all__ += ['PreparedExport', 'prepare_export']
