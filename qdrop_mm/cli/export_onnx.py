@@ -48,7 +48,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--check-image', metavar='IMG', help='compare on this image (test pipeline + data_preprocessor)')
     p.add_argument('--evaluate', type=int, nargs='?', const=0, metavar='N',
                    help='with --whole: the config\'s metric on the test split (first N images; all without N) for '
-                        'the PyTorch model and the graph in onnxruntime\'s default session, one image per run')
+                        'the PyTorch model and the graph in onnxruntime\'s default session, one image per run; with N '
+                        'the COCO metric still counts every annotated image, so compare the two numbers only)')
     p.add_argument('--activation-storage', choices=['int8', 'uint8'], default='int8',
                    help='int8: zero point 0 (TensorRT, default); uint8: what onnxruntime x86 integer kernels take')
     p.add_argument('--float-bias', action='store_true',
