@@ -14,7 +14,8 @@ setup(
     # versions are in requirements/lock.txt and installed by tools/setup_env.sh.
     install_requires=['torch>=2.0', 'numpy<2'],
     entry_points={'console_scripts': ['qdrop-ptq=qdrop_mm.cli.ptq:console',
-                                      'qdrop-sensitivity=qdrop_mm.cli.sensitivity:console']},
+                                      'qdrop-sensitivity=qdrop_mm.cli.sensitivity:console',
+                                      'qdrop-export-onnx=qdrop_mm.cli.export_onnx:console']},
     extras_require={
         'mm': ['mmengine==0.10.7', 'mmcv>=2.0.0,<2.2.0', 'mmdet==3.3.0', 'mmsegmentation==1.2.2',
                'pycocotools'],

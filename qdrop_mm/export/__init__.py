@@ -10,10 +10,16 @@ __all__ = ['MethodForward', 'activation_qdq_outputs', 'export_onnx', 'qdq_node_c
            'QuantizerAgreement', 'compare_outputs', 'first_divergence', 'quantizer_agreement', 'random_input',
            'reference_outputs']
 from .int32_bias import (BiasRounding, describe_rounding, grid_bias, layer_input_scales, off_grid_biases,
-                         round_biases_to_int32_grid)
+                         requantized_layers, round_biases_to_int32_grid)
 
 __all__ += ['BiasRounding', 'describe_rounding', 'grid_bias', 'layer_input_scales', 'off_grid_biases',
-            'round_biases_to_int32_grid']
+            'requantized_layers', 'round_biases_to_int32_grid']
 from .prepare import PreparedExport, prepare_export
 
 __all__ += ['PreparedExport', 'prepare_export']
+from .onnx_io import onnxruntime_session
+from .whole import (GraphPredictor, GraphRunner, WholeModel, compare_detections, compare_segmentation,
+                    example_rois, model_kind)
+
+__all__ += ['onnxruntime_session', 'GraphPredictor', 'GraphRunner', 'WholeModel', 'compare_detections',
+            'compare_segmentation', 'example_rois', 'model_kind']

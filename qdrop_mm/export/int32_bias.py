@@ -3,19 +3,25 @@
 An integer conv (onnxruntime's QLinearConv, TensorRT's INT8 conv) adds the bias
 to the int32 accumulator, so it holds round(b / (s_x·s_w)) with s_x the
 input's scale and s_w the output channel's weight scale. onnxruntime's default
-session does that rounding itself (``WeightBiasQuantization``) on every
-Conv/Gemm whose input comes from a per-tensor DequantizeLinear, so a float
-bias off that grid gives a different model from the one PyTorch evaluated:
-on the demo Faster R-CNN W4A4 features the difference was 0.19 relative.
+session (1.32, ``WeightBiasQuantization``) does that rounding itself on every
+Conv whose input comes from a per-tensor DequantizeLinear **and whose output
+goes straight into a QuantizeLinear** (a full DQ → Conv → Q unit; measured on
+the demo Faster R-CNN: the 12 such convs get an int32 bias, the 12 convs with
+a quantized input whose output is summed or left FP keep their float bias). A
+float bias off that grid gives a different model from the one PyTorch
+evaluated: on the demo Faster R-CNN W4A4 features the difference was 0.19
+relative.
 
-:func:`round_biases_to_int32_grid` moves the biases of a fake-quant model (in
-place) onto that grid: b' = float32(k · float32(s_x·s_w)), k =
-round(float32(b / float32(s_x·s_w))), the float32 arithmetic onnxruntime uses,
-so rounding again is the identity and the exported graph computes the same
-thing with or without the pass, and as the integer kernels do. The scale of
-each layer's input is found by running the export form once and following
+:func:`round_biases_to_int32_grid` moves the biases of exactly those layers of
+a fake-quant model (in place) onto that grid: b' = float32(k · float32(s_x·s_w)),
+k = round(float32(b / float32(s_x·s_w))), the float32 arithmetic onnxruntime
+uses, so rounding again is the identity and the exported graph computes the
+same thing with or without the pass, and as the integer kernels do. The scale
+of each layer's input is found by running the export form once and following
 every activation quantizer's output through grid-preserving modules
-(MaxPool, Identity) to the layers it feeds.
+(MaxPool, Identity) to the layers it feeds; a layer's output goes straight into
+a QuantizeLinear when the export writes its own output quantizer right after
+the conv (:func:`requantized_layers`).
 """
 from __future__ import annotations
 
@@ -95,6 +101,17 @@ def layer_input_scales(exported: nn.Module, run: Callable[[nn.Module], object]) 
     return found
 
 
+def requantized_layers(exported: nn.Module) -> List[str]:
+    """Paths of the QDQLayers of an export form whose conv/linear output goes straight into a QuantizeLinear.
+
+    That is a layer with its own output quantizer in the fusable placement (``requantize``, activation ReLU
+    or none, no norm between conv and quantizer; see :meth:`~.onnx_qdq.QDQActivation.quantize_after`).
+    """
+    return [name for name, m in exported.named_modules()
+            if isinstance(m, QDQLayer) and isinstance(m.act_quantizer, QDQActivation) and m.requantize
+            and m.norm is None and (m.activation is None or isinstance(m.activation, nn.ReLU))]
+
+
 def grid_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tensor:
     """``bias`` on the grid float32(s_x·s_w) per output channel, computed in float32 as onnxruntime does."""
     step = input_scale.float().reshape(()) * weight_scale.float().reshape(-1)
@@ -105,18 +122,25 @@ def grid_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tensor
 
 
 def round_biases_to_int32_grid(model: nn.Module, run: Callable[[nn.Module], object],
-                               scales: Optional[Dict[str, Tensor]] = None) -> List[BiasRounding]:
-    """Move, in place, the bias of every QuantLayer of ``model`` whose input is quantized onto its int32 grid.
+                               scales: Optional[Dict[str, Tensor]] = None,
+                               requantized: Optional[List[str]] = None) -> List[BiasRounding]:
+    """Move, in place, onto its int32 grid the bias of every QuantLayer of ``model`` whose input is quantized and
+    whose output goes straight into a QuantizeLinear in the export (the biases onnxruntime rounds).
 
     ``run`` gets the export form of ``model`` and must run one forward pass through it (any input: only which
     quantizer feeds which layer is recorded), e.g. ``lambda m: m.extract_feat(x)``. Returns what changed; a
-    second call changes nothing (max_change 0). ``scales``: :func:`layer_input_scales`, when already known.
+    second call changes nothing (max_change 0). ``scales`` (:func:`layer_input_scales`) and ``requantized``
+    (:func:`requantized_layers`): when already known.
     """
-    if scales is None:
-        scales = layer_input_scales(to_qdq(model)[0], run)
+    if scales is None or requantized is None:
+        probe = to_qdq(model)[0]
+        scales = layer_input_scales(probe, run) if scales is None else scales
+        requantized = requantized_layers(probe) if requantized is None else requantized
     layers = dict(model.named_modules())
     result = []
     for name, s_x in scales.items():
+        if name not in requantized:
+            continue
         layer = layers.get(name)
         if not isinstance(layer, QuantLayer):
             raise ValueError(f'{name}: export form and model disagree (not a QuantLayer in the model)')
@@ -132,16 +156,23 @@ def round_biases_to_int32_grid(model: nn.Module, run: Callable[[nn.Module], obje
 
 def off_grid_biases(path: str) -> List[Tuple[str, float]]:
     """(bias initializer, max |b − rounded b| relative to s_x·s_w) for every Conv/Gemm of the graph at ``path``
-    whose input is a per-tensor DequantizeLinear and whose weight is a per-channel or per-tensor
-    DequantizeLinear, where the float bias is not a fixed point of onnxruntime's int32 rounding."""
+    whose input is a per-tensor DequantizeLinear, whose weight is a per-channel or per-tensor
+    DequantizeLinear and whose output goes only into QuantizeLinear, where the float bias is not a fixed point
+    of onnxruntime's int32 rounding."""
     import onnx
     from onnx import numpy_helper
     graph = onnx.load(path).graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
+    consumers: Dict[str, List[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
     bad = []
     for node in graph.node:
         if node.op_type not in ('Conv', 'Gemm') or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        if set(consumers.get(node.output[0], [])) != {'QuantizeLinear'}:
             continue
         dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
         while dq_x is not None and dq_x.op_type in GRID_PRESERVING_OPS:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,29 +48,39 @@ class MethodForward(nn.Module):
         return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
 
-def export_onnx(module: nn.Module, example: Tensor, path: str, opset: int = DEFAULT_OPSET,
-                dynamic: bool = False) -> List[str]:
+def export_onnx(module: nn.Module, example: Union[Tensor, Tuple[Tensor, ...]], path: str,
+                opset: int = DEFAULT_OPSET, dynamic: bool = False, input_names: Sequence[str] = ('input',),
+                output_names: Optional[Sequence[str]] = None,
+                dynamic_axes: Optional[Dict[str, Dict[int, str]]] = None) -> List[str]:
     """Export ``module`` (an export-form model from :func:`to_qdq`) to ``path``; returns the output names.
 
-    ``dynamic`` marks batch, height and width of the input (and all output dims) as dynamic.
+    ``example``: one input tensor or a tuple of them (named ``input_names``). ``dynamic`` marks batch,
+    height and width of the first input (and the first dims of all outputs of rank 4) as dynamic;
+    ``dynamic_axes`` adds to that (e.g. the number of RoIs). ``output_names`` default to out0, out1, ...
     """
     require_onnx()
     if opset < MIN_OPSET:
         raise ValueError(f'opset must be >= {MIN_OPSET} (per-channel DequantizeLinear), got {opset}')
+    examples = example if isinstance(example, tuple) else (example,)
     module = module.eval()
     with torch.no_grad():
-        outputs = module(example)
-    n_out = len(outputs) if isinstance(outputs, (list, tuple)) else 1
-    output_names = [f'out{i}' for i in range(n_out)]
-    dynamic_axes = None
+        outputs = module(*examples)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else (outputs,)
+    output_names = list(output_names) if output_names is not None else [f'out{i}' for i in range(len(outputs))]
+    if len(output_names) != len(outputs):
+        raise ValueError(f'{len(output_names)} output names for {len(outputs)} outputs')
+    axes: Dict[str, Dict[int, str]] = {}
     if dynamic:
-        dynamic_axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
-        dynamic_axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'} for n in output_names})
+        axes[input_names[0]] = {0: 'batch', 2: 'height', 3: 'width'}
+        axes.update({n: {0: 'batch', 2: f'{n}_height', 3: f'{n}_width'}
+                     for n, o in zip(output_names, outputs) if o.dim() == 4})
+    for name, dims in (dynamic_axes or {}).items():
+        axes.setdefault(name, {}).update(dims)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', DeprecationWarning)  # dynamo=False is deprecated, not removed, in 2.13
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
-        torch.onnx.export(module, (example,), path, dynamo=False, opset_version=opset, input_names=['input'],
-                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+        torch.onnx.export(module, examples, path, dynamo=False, opset_version=opset, input_names=list(input_names),
+                          output_names=output_names, dynamic_axes=axes or None, do_constant_folding=True)
     inline_shared_constants(path)
     return output_names
 
@@ -133,16 +143,11 @@ def weight_constants(path: str) -> List[WeightConstant]:
     return found
 
 
-def run_onnxruntime(path: str, x: Tensor, optimization: str = 'all', quantize_bias: bool = False,
-                    extra_outputs: Sequence[str] = ()) -> List[np.ndarray]:
-    """Outputs of the graph at ``path`` for input ``x`` on onnxruntime's CPU provider.
-
-    ``quantize_bias=False`` switches off onnxruntime's ``WeightBiasQuantization`` pass, which rounds a
-    float conv bias to int32 at scale s_x·s_w; the graph is then computed with the float bias it holds
-    (as the PyTorch model does). ``True`` runs onnxruntime's default session. ``extra_outputs`` names
-    intermediate tensors to return after the graph outputs.
-    """
-    import onnx
+def onnxruntime_session(source: Union[str, bytes], optimization: str = 'all', quantize_bias: bool = True,
+                        threads: int = 1):
+    """An onnxruntime CPU session; the defaults are onnxruntime's default session (all optimizations, including
+    ``WeightBiasQuantization``, which rounds a float conv bias to int32 at scale s_x·s_w), on ``threads``
+    intra-op threads."""
     import onnxruntime as ort
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f'optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}')
@@ -152,15 +157,32 @@ def run_onnxruntime(path: str, x: Tensor, optimization: str = 'all', quantize_bi
              'all': ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
     disabled = [] if quantize_bias else [BIAS_QUANTIZATION_PASS]
-    source: object = path
+    return ort.InferenceSession(source, opts, providers=['CPUExecutionProvider'], disabled_optimizers=disabled)
+
+
+def run_onnxruntime(path: str, x: Union[Tensor, Tuple[Tensor, ...]], optimization: str = 'all',
+                    quantize_bias: bool = False, extra_outputs: Sequence[str] = ()) -> List[np.ndarray]:
+    """Outputs of the graph at ``path`` for input ``x`` (a tensor, or a tuple for the graph's inputs in order)
+    on onnxruntime's CPU provider.
+
+    ``quantize_bias=False`` switches off onnxruntime's ``WeightBiasQuantization`` pass, which rounds a
+    float conv bias to int32 at scale s_x·s_w; the graph is then computed with the float bias it holds
+    (as the PyTorch model does). ``True`` runs onnxruntime's default session. ``extra_outputs`` names
+    intermediate tensors to return after the graph outputs.
+    """
+    import onnx
+    source: Union[str, bytes] = path
     if extra_outputs:
         model = onnx.load(path)
         for name in extra_outputs:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         source = model.SerializeToString()
-    session = ort.InferenceSession(source, opts, providers=['CPUExecutionProvider'], disabled_optimizers=disabled)
-    return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+    session = onnxruntime_session(source, optimization, quantize_bias)
+    inputs = x if isinstance(x, tuple) else (x,)
+    return session.run(None, {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)})
 
 
 def activation_qdq_outputs(path: str) -> List[Tuple[str, str]]:

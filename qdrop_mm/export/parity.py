@@ -11,7 +11,7 @@ mismatch (many elements, several steps).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -76,9 +76,11 @@ class QuantizerAgreement:
     max_steps: float
 
 
-def quantizer_agreement(path: str, module: nn.Module, x: Tensor, optimization: str = 'all',
+def quantizer_agreement(path: str, module: nn.Module, x: Union[Tensor, Tuple[Tensor, ...]], optimization: str = 'all',
                         quantize_bias: bool = False) -> List[QuantizerAgreement]:
-    """Per activation quantizer, in graph order: ``module`` (the export form that was exported) vs the graph."""
+    """Per activation quantizer, in graph order: ``module`` (the export form that was exported) vs the graph.
+
+    ``x``: the input, or a tuple of inputs (``module(*x)``, the graph's inputs in order)."""
     pairs = activation_qdq_outputs(path)
     if not pairs:
         return []
@@ -98,7 +100,7 @@ def quantizer_agreement(path: str, module: nn.Module, x: Tensor, optimization: s
                 lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())))
     try:
         with torch.no_grad():
-            module(x)
+            module(*(x if isinstance(x, tuple) else (x,)))
     finally:
         for h in handles:
             h.remove()

@@ -9,7 +9,7 @@ from torch import nn
 
 from qdrop_mm.core.qmodules import QuantLayer
 
-from .int32_bias import BiasRounding, layer_input_scales, round_biases_to_int32_grid
+from .int32_bias import BiasRounding, layer_input_scales, requantized_layers, round_biases_to_int32_grid
 from .onnx_qdq import QDQOptions, QDQSummary, integer_weight, to_qdq
 
 
@@ -29,14 +29,15 @@ def prepare_export(model: nn.Module, run: Callable[[nn.Module], object], activat
 
     ``run(module)`` runs one forward pass (e.g. ``lambda m: m.extract_feat(x)``); it finds which activation
     quantizer feeds which layer. ``int32_bias`` (default) rounds, in place, the bias of every layer with a
-    quantized input to round(b / (s_x·s_w))·s_x·s_w, what integer kernels and onnxruntime's default session
-    compute, so ``model`` and the graph agree (see :mod:`.int32_bias`). A layer whose 8-bit weights need a
+    quantized input whose output goes straight into a QuantizeLinear to round(b / (s_x·s_w))·s_x·s_w, what
+    integer kernels and onnxruntime's default session compute, so ``model`` and the graph agree (see
+    :mod:`.int32_bias`). A layer whose 8-bit weights need a
     UINT8 zero point and whose input is not quantized (the stem) gets its weights as FP32 constants: such a
     conv runs in floating point in any runtime, and every zero point left in the graph is 0 (TensorRT).
     """
     probe, _ = to_qdq(model, QDQOptions(requantize=requantize, activation_storage=activation_storage))
     scales = layer_input_scales(probe, run)
-    biases = round_biases_to_int32_grid(model, run, scales) if int32_bias else []
+    biases = round_biases_to_int32_grid(model, run, scales, requantized_layers(probe)) if int32_bias else []
     float_weights = sorted(name for name, m in model.named_modules()
                            if isinstance(m, QuantLayer) and name not in scales
                            and integer_weight(m)[0].dtype != torch.int8)

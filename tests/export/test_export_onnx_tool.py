@@ -106,7 +106,7 @@ def _assert_parity(parity, agreement):
     if first is None:
         assert parity.max_rel <= MAX_REL and parity.mismatch_fraction <= MISMATCH_FRACTION, parity.describe()
     else:
-        assert first.max_steps <= 1 and first.differing <= max(2, BOUNDARY_CASES * first.numel), first
+        assert first.max_steps <= 1 + 1e-3 and first.differing <= max(2, BOUNDARY_CASES * first.numel), first
 
 
 def test_features_match_pytorch_at_export_and_other_shapes(exported):
@@ -118,7 +118,9 @@ def test_features_match_pytorch_at_export_and_other_shapes(exported):
     assert len(result['agreement']) == 21 and all(a.numel > 0 for a in result['agreement'])
     _assert_parity(result['parity'], result['agreement'])
     # onnxruntime's default session (bias rounding to int32) computes the same: the biases are on that grid
-    assert off_grid_biases(result['out']) == [] and len(result['biases']) == 16 + 3 + 4 + 1
+    # the biases onnxruntime rounds: layers with a quantized input and their output straight into a QuantizeLinear
+    # (first conv of each of the 8 blocks, 4 FPN laterals); the second convs, shortcuts and FPN output conv keep theirs
+    assert off_grid_biases(result['out']) == [] and len(result['biases']) == 8 + 4
     default_agreement = quantizer_agreement(result['out'], MethodForward(to_qdq(model)[0], 'extract_feat'),
                                             random_input(SHAPE), 'all', True)
     _assert_parity(result['parity_bias_int32'], default_agreement)

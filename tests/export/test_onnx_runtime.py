@@ -113,7 +113,7 @@ def test_toy_features_match_pytorch_in_onnxruntime(exported_toy, level):
             assert parity.max_rel <= TOY_MAX_REL and parity.mismatch_fraction <= TOY_MISMATCH_FRACTION, \
                 parity.describe()
         else:
-            assert first.max_steps <= 1 and first.differing <= max(2, BOUNDARY_CASES * first.numel), first
+            assert first.max_steps <= 1 + 1e-3 and first.differing <= max(2, BOUNDARY_CASES * first.numel), first
 
 
 def test_linear_layer_exports_as_dequantized_gemm(tmp_path):
@@ -167,4 +167,4 @@ def test_qwt_compensated_units_export_with_fp_compensation_convs(tmp_path):
         if first is None:
             assert parity.max_rel <= TOY_MAX_REL, parity.describe()
         else:
-            assert first.max_steps <= 1 and first.differing <= max(2, BOUNDARY_CASES * first.numel), first
+            assert first.max_steps <= 1 + 1e-3 and first.differing <= max(2, BOUNDARY_CASES * first.numel), first
