@@ -72,7 +72,7 @@ def test_core_and_export_import_no_openmmlab_package():
 def test_console_scripts_are_the_tools(tmp_path):
     from importlib.metadata import entry_points
     scripts = {ep.name: ep for ep in entry_points(group='console_scripts') if ep.value.startswith('qdrop_mm.')}
-    assert set(scripts) >= {'qdrop-ptq', 'qdrop-sensitivity'}
+    assert set(scripts) >= {'qdrop-ptq', 'qdrop-sensitivity', 'qdrop-export-onnx'}
     for ep in scripts.values():
         assert callable(ep.load())
     missing = tmp_path / 'missing.py'
