@@ -325,6 +325,10 @@ class PredictionHooks(MethodHooks):
         if self.source is None:
             raise ValueError('the method has a prediction term: pass run_ptq(prediction=PredictionSource(predict_fn, '
                              'fp_unit)) saying how to get the network predictions')
+        shared = [u.name for u in units if u.calls != 1]
+        if shared:
+            raise ValueError(f'the prediction term needs one cache entry per batch; {shared} run several times per '
+                             f'forward (shared head convs)')
         self.term = PredictionTerm(model, [(u.name, u.module) for u in units], batches, self.source, self.cfg,
                                    cache_policy)
 

@@ -30,6 +30,7 @@ class Unit:
     name: str
     module: nn.Module
     kind: str = 'layer'
+    calls: int = 1  # per forward: a dense head's conv runs once per pyramid level, each call one cache entry
 
 
 @dataclass
@@ -120,8 +121,10 @@ def _observe(model: nn.Module, aqs: List[LSQActQuantizer], batches: Sequence[Any
 @torch.no_grad()
 def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
                      stage: StageConfig, policy: Optional[CachePolicy] = None,
-                     correct_fp_input: Optional[Callable[[Tensor], Tensor]] = None) -> UnitCache:
+                     correct_fp_input: Optional[Callable[[Tensor], Tensor]] = None, calls: int = 1) -> UnitCache:
     """Capture x_fp (all FP), x_q (earlier units quantized) and the FP targets of ``unit``.
+
+    ``calls``: how often the forward calls ``unit`` per batch (one cache entry per call).
 
     ``correct_fp_input`` (PD-Quant's distribution correction) replaces each x_fp before it is
     stored; the targets are then the FP unit's outputs on the corrected inputs.
@@ -130,9 +133,9 @@ def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], 
     cache = UnitCache(policy, device)
     sink = cache.x_fp.append if correct_fp_input is None else lambda x: cache.x_fp.append(correct_fp_input(x))
     with quant_state(model, weight=False, act=False):
-        capture_inputs(model, unit, batches, forward_fn, sink=sink)
+        capture_inputs(model, unit, batches, forward_fn, sink=sink, calls=calls)
     with quant_state(model, weight=True, act=stage.act_quant, drop_prob=1.0):
-        capture_inputs(model, unit, batches, forward_fn, sink=cache.x_q.append)
+        capture_inputs(model, unit, batches, forward_fn, sink=cache.x_q.append, calls=calls)
     with quant_state(unit, weight=False, act=False):
         for i in range(len(cache.x_fp)):
             cache.target.append(unit(cache.x_fp.get(i, device)))
@@ -190,7 +193,7 @@ def _reconstruct(model: nn.Module, unit: Unit, stage_idx: int, stage: StageConfi
                  cb: PTQCallbacks) -> UnitRecord:
     corrections = [c for c in (h.input_correction(unit) for h in hooks) if c is not None]
     correct = corrections[0] if corrections else None
-    cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, cache_policy, correct)
+    cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, cache_policy, correct, unit.calls)
     try:
         rec = None
         for hook in hooks:

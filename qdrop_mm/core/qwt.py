@@ -221,10 +221,10 @@ def _pixel_rows(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def _capture_one(model: nn.Module, unit: nn.Module, batch: Any, forward_fn: ForwardFn) -> Tensor:
+def _capture(model: nn.Module, unit: nn.Module, batch: Any, forward_fn: ForwardFn, calls: int) -> List[Tensor]:
     got: List[Tensor] = []
-    capture_inputs(model, unit, [batch], forward_fn, sink=got.append)
-    return got[0]
+    capture_inputs(model, unit, [batch], forward_fn, sink=got.append, calls=calls)
+    return got
 
 
 def _cross_validated_sse(folds: Sequence[LeastSquaresAccumulator], ridge: float) -> float:
@@ -254,7 +254,7 @@ def choose_ridge(folds: Sequence[LeastSquaresAccumulator], ridge: float) -> Opti
 
 @torch.no_grad()
 def fit_compensation(model: nn.Module, wrapper: Compensated, batches: Sequence[Any], forward_fn: ForwardFn,
-                     ridge: float = 1e-4, validate: bool = True) -> Optional[ReconResult]:
+                     ridge: float = 1e-4, validate: bool = True, calls: int = 1) -> Optional[ReconResult]:
     """Fit and install ``wrapper``'s compensation from ``batches``; None when the unit is not a 4D conv unit.
 
     Streams one batch at a time: x_fp (FP model) and x_q (all quantizers on,
@@ -265,6 +265,7 @@ def fit_compensation(model: nn.Module, wrapper: Compensated, batches: Sequence[A
     unit stays uncompensated when no fit beats none (few rows per input channel).
     The result's losses are the output MSE (summed over channels, mean over
     pixels) of the residual before and after, on the calibration data; ``iters`` is 0.
+    ``calls``: how often the forward calls the unit per batch (every call's rows count).
     """
     start = time.perf_counter()
     folds: List[LeastSquaresAccumulator] = []
@@ -272,19 +273,19 @@ def fit_compensation(model: nn.Module, wrapper: Compensated, batches: Sequence[A
     stride: Optional[Tuple[int, int]] = None
     for i, batch in enumerate(batches):
         with quant_state(model, weight=False, act=False):
-            x_fp = _capture_one(model, wrapper, batch, forward_fn)
-            target = wrapper(x_fp)
+            targets = [wrapper(x) for x in _capture(model, wrapper, batch, forward_fn, calls)]
         with quant_state(model, weight=True, act=True, drop_prob=1.0):
-            x_q = _capture_one(model, wrapper, batch, forward_fn)
-            base = wrapper.unit(x_q)
-        if not folds:
-            stride = _unit_stride(x_q, base)
-            if stride is None:
-                return None
-            folds = [LeastSquaresAccumulator(x_q.shape[1], base.shape[1], device=x_q.device) for _ in range(2)]
-            target_sq = target_sq.to(x_q.device)
-        folds[i % 2].add(_pixel_rows(x_q[:, :, ::stride[0], ::stride[1]]), _pixel_rows(target - base))
-        target_sq += target.double().pow(2).sum()
+            x_qs = _capture(model, wrapper, batch, forward_fn, calls)
+            bases = [wrapper.unit(x) for x in x_qs]
+        for x_q, base, target in zip(x_qs, bases, targets):
+            if not folds:
+                stride = _unit_stride(x_q, base)
+                if stride is None:
+                    return None
+                folds = [LeastSquaresAccumulator(x_q.shape[1], base.shape[1], device=x_q.device) for _ in range(2)]
+                target_sq = target_sq.to(x_q.device)
+            folds[i % 2].add(_pixel_rows(x_q[:, :, ::stride[0], ::stride[1]]), _pixel_rows(target - base))
+            target_sq += target.double().pow(2).sum()
     if not folds:
         raise ValueError('fit_compensation needs at least one calibration batch')
     for f in folds:
@@ -319,7 +320,8 @@ class CompensationHooks(MethodHooks):
         from .ptq import UnitRecord
         stage = len(result.method['stages'])
         for unit in units:
-            fit = fit_compensation(model, unit.module, batches, forward_fn, self.cfg.ridge, self.cfg.validate)
+            fit = fit_compensation(model, unit.module, batches, forward_fn, self.cfg.ridge, self.cfg.validate,
+                                   unit.calls)
             if fit is None:
                 callbacks.compensation_not_possible(unit)
                 continue

@@ -21,7 +21,7 @@ features (configurable).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -312,14 +312,15 @@ def plan_model(model: nn.Module, settings: PTQSettings,
         units = sorted(units, key=lambda u: position.get(u.name, len(position)))
         return ModelPlan(units, [], fp_layers, list(ctx.unfolded_norms))
     order: Dict[int, int] = {}
-    handles = [u.module.register_forward_pre_hook(_first_call_recorder(order, id(u.module))) for u in units]
+    calls: Counter = Counter()
+    handles = [u.module.register_forward_pre_hook(_call_recorder(order, calls, id(u.module))) for u in units]
     try:
         with torch.no_grad():
             example_forward()
     finally:
         for h in handles:
             h.remove()
-    called = [u for u in units if id(u.module) in order]
+    called = [replace(u, calls=calls[id(u.module)]) for u in units if id(u.module) in order]
     called.sort(key=lambda u: order[id(u.module)])
     uncalled = [u.name for u in units if id(u.module) not in order]
     return ModelPlan(called, uncalled, fp_layers, list(ctx.unfolded_norms))
@@ -329,7 +330,8 @@ def _quantized_layers(module: nn.Module) -> List[nn.Module]:
     return [m for m in module.modules() if isinstance(m, QuantLayer)]
 
 
-def _first_call_recorder(order: Dict[int, int], key: int):
+def _call_recorder(order: Dict[int, int], calls: Counter, key: int):
     def hook(_m, _args):
         order.setdefault(key, len(order))
+        calls[key] += 1
     return hook

@@ -120,6 +120,21 @@ def feature_forward(model: nn.Module, batch: dict) -> Any:
     return model.extract_feat(data['inputs'])
 
 
+def model_forward(model: nn.Module, batch: dict) -> Any:
+    """Preprocess a data batch and run the whole network up to its raw head outputs (``model._forward``)."""
+    data = model.data_preprocessor(batch, False)
+    return model._forward(data['inputs'], data['data_samples'])
+
+
+FEATURE_MODULES = ('backbone', 'neck')
+
+
+def calibration_forward(scope: Sequence[str]) -> Any:
+    """``feature_forward`` when every scope path lies in the backbone or neck (extract_feat runs them), else
+    ``model_forward``: heads in scope see their inputs through the model's own forward."""
+    return feature_forward if all(p.split('.')[0] in FEATURE_MODULES for p in scope) else model_forward
+
+
 def num_images(batches: List[dict]) -> int:
     return sum(len(b['inputs']) for b in batches)
 

@@ -46,8 +46,8 @@ from qdrop_mm.core.sensitivity import quantized_error
 
 from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
 from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
-from .calibration import (build_calibration_batches, check_dataset_paths, feature_forward, images_for_this_rank,
-                          num_images, split_batches)
+from .calibration import (build_calibration_batches, calibration_forward, check_dataset_paths, feature_forward,
+                          images_for_this_rank, num_images, split_batches)
 from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
 from .prediction_tail import UnsupportedHeadError, build_prediction_source, select_predict_fn
 from .registry import LOOPS
@@ -116,6 +116,31 @@ def drop_weight_swapping_hooks(runner) -> List[str]:
         runner.logger.warning(f'removed training-only hook(s) {removed}: they swap FP weight copies into the model '
                               f'at test time; the checkpoint state_dict already holds the EMA weights')
     return removed
+
+
+def check_head_scope(model: torch.nn.Module, settings: PTQSettings) -> None:
+    """Heads in ``ptq.scope`` are reconstructed through the model's forward; two cases cannot be.
+
+    A RoI head's input are the features of the proposals, and those depend on the quantized RPN: the FP
+    and quantized passes crop different boxes, so there is no FP target for the quantized input. PD-Quant
+    replaces a unit's output and runs the rest of the network to the predictions: only for backbone/neck.
+    """
+    paths = scope_paths(model, settings.scope)
+    try:
+        from mmdet.models.roi_heads import BaseRoIHead
+    except ImportError:  # an mmseg-only install: no RoI heads
+        BaseRoIHead = ()
+    for path in paths:
+        parts = path.split('.')
+        owners = [model.get_submodule('.'.join(parts[:i])) for i in range(1, len(parts) + 1)]
+        if BaseRoIHead and any(isinstance(m, BaseRoIHead) for m in owners):
+            raise PTQConfigError(f'ptq.scope entry {path!r} is (in) a RoI head: its inputs are the features of '
+                                 f'proposals that change when the RPN is quantized, so they have no FP target; '
+                                 f'quantize backbone, neck and dense heads (e.g. rpn_head) instead')
+    heads = [p for p in paths if p.split('.')[0] not in ('backbone', 'neck')]
+    if heads and settings.build_method().prediction is not None:
+        raise PTQConfigError(f'ptq.method={settings.method} reconstructs backbone and neck units only (its loss runs '
+                             f'the heads from a unit\'s output); remove {heads} from ptq.scope or use another method')
 
 
 class NonFiniteUnitError(PTQError, FloatingPointError):
@@ -266,6 +291,7 @@ class PTQLoop(TestLoop):
             resolve_scope(self.model, self.settings.scope)
         except ValueError as err:
             raise PTQConfigError(str(err)) from None
+        check_head_scope(self.model, self.settings)
         cfg = self.runner.cfg
         if cfg.get('train_dataloader') is not None:
             check_dataset_paths(cfg.train_dataloader.get('dataset'), 'train_dataloader.dataset')
@@ -292,8 +318,9 @@ class PTQLoop(TestLoop):
         t1 = time.perf_counter()
         model.eval()
         fp_model = copy.deepcopy(model) if method.prediction is not None else None  # PD-Quant's DC needs the BNs
+        forward = calibration_forward(scope_paths(model, settings.scope))
         try:
-            self.plan = plan_model(model, settings, lambda: feature_forward(model, batches[0]))
+            self.plan = plan_model(model, settings, lambda: forward(model, batches[0]))
         except ValueError as err:
             raise PTQConfigError(str(err)) from None
         logger.info(f'block plan: {len(self.plan.units)} units in {list(scope_paths(model, settings.scope))} '
@@ -305,9 +332,13 @@ class PTQLoop(TestLoop):
             if unseen:
                 raise PTQConfigError(
                     f'ptq.scope: {len(unseen)} unit(s) with activation quantizers are not run by the calibration '
-                    f'forward (the model\'s extract_feat: backbone and neck), e.g. {unseen[:3]}; heads cannot be '
-                    f'quantized yet: remove them from ptq.scope')
-            logger.warning(f'not on the feature path, quantized by rounding only: {self.plan.uncalled}')
+                    f'forward (the model\'s {"extract_feat" if forward is feature_forward else "_forward"}), '
+                    f'e.g. {unseen[:3]}: remove them from ptq.scope')
+            logger.warning(f'not on the calibration forward\'s path, quantized by rounding only: {self.plan.uncalled}')
+        shared = [f'{u.name} (x{u.calls})' for u in self.plan.units if u.calls > 1]
+        if shared:
+            logger.info(f'{len(shared)} unit(s) run several times per image (shared across pyramid levels), each '
+                        f'call one reconstruction sample: {shared[:4]}{" ..." if len(shared) > 4 else ""}')
         fingerprint = {'settings': settings.to_dict(), 'units': [u.name for u in self.plan.units],
                        'checkpoint': checkpoint_identity(getattr(self.runner, '_load_from', None)),
                        'world_size': get_world_size(), 'calibration': all_gather_object(batches_digest(batches))}
@@ -327,7 +358,7 @@ class PTQLoop(TestLoop):
                 logger.info(f'removed {path} of an earlier run')
         callbacks = ResumableCallbacks(logger, self.plan.units, method, settings, store, manifest, model, restored)
         try:
-            result = run_ptq(model, self.plan.units, batches, feature_forward, method, callbacks,
+            result = run_ptq(model, self.plan.units, batches, forward, method, callbacks,
                              settings.cache_policy(self.runner.work_dir),
                              build_prediction_source(model, fp_model) if fp_model is not None else None)
         except NonFiniteLossError as err:

@@ -13,11 +13,22 @@ def test_rtmdet_tiny_runs_and_reloads_identically(tmp_path, coco128):
             f'yes ({row.compared}) |') in table
 
 
-def test_head_in_scope_is_one_error_line(tmp_path, coco128):
+def test_dense_head_in_scope_is_reconstructed_through_the_model_forward(tmp_path, coco128):
     from tools.coverage import CASES, run_case
     case = next(c for c in CASES if c.name == 'retinanet_r18')
     row = run_case(case, str(tmp_path), coco128, iters=1, num_images=2, test_images=1,
                    extra_options=("ptq.scope=['backbone','neck','bbox_head']",))
+    assert row.error == '' and row.run_ok and row.reload_identical
+    # 1 stem + 8 blocks + 8 FPN layers, then the head: 4 + 4 shared convs and retina_cls / retina_reg
+    assert (row.blocks, row.layers, row.fp_layers) == (8, 9 + 10, 0)
+    assert int(row.compared.split()[0]) > 0
+
+
+def test_roi_head_in_scope_is_one_error_line(tmp_path, coco128):
+    from tools.coverage import CASES, run_case
+    case = next(c for c in CASES if c.name == 'faster_rcnn_r50')
+    row = run_case(case, str(tmp_path), coco128, iters=1, num_images=2, test_images=1,
+                   extra_options=("ptq.scope=['backbone','neck','roi_head']",))
     assert not row.run_ok and '\n' not in row.error
-    assert row.error.startswith('error: ptq.scope: 10 unit(s) with activation quantizers are not run by the '
-                                "calibration forward (the model's extract_feat: backbone and neck), e.g. ['bbox_head.")
+    assert row.error.startswith("error: ptq.scope entry 'roi_head' is (in) a RoI head: its inputs are the features "
+                                "of proposals that change when the RPN is quantized")
