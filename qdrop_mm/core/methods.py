@@ -23,14 +23,22 @@ SCHEDULES = ('paper', 'budget')
 ACT_CALIBRATIONS = ('fp', 'quantized')
 
 
+class OptionError(ValueError):
+    """A method option with a bad value; ``key`` names it, so callers prefix their own config path."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+        raise OptionError(name, f'{name} must be a positive integer, got {value!r}')
 
 
 def _check_unit_interval(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f'{name} must be a number in [0, 1], got {value!r}')
+        raise OptionError(name, f'{name} must be a number in [0, 1], got {value!r}')
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class StageConfig:
         _check_positive_int('batch_size', self.batch_size)
         _check_positive_int('accum_steps', self.accum_steps)
         if self.schedule not in SCHEDULES:
-            raise ValueError(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
+            raise OptionError('schedule', f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
         _check_positive_int('log_interval', self.log_interval)
         _check_unit_interval('drop_prob', self.drop_prob)
         _check_unit_interval('warmup', self.warmup)
@@ -98,14 +106,14 @@ class StageConfig:
         _check_unit_interval('early_stop_after', self.early_stop_after)
         if isinstance(self.early_stop_patience, bool) or not isinstance(self.early_stop_patience, int) \
                 or self.early_stop_patience < 0:
-            raise ValueError(f'early_stop_patience must be an integer >= 0 (0 = off), got {self.early_stop_patience!r}')
+            raise OptionError('early_stop_patience', f'early_stop_patience must be an integer >= 0 (0 = off), got {self.early_stop_patience!r}')
         if not (self.learn_rounding or self.learn_act_steps or self.learn_bias):
             raise ValueError('a stage must learn rounding, activation steps or biases')
         if self.learn_act_steps and not self.act_quant:
             raise ValueError('learn_act_steps needs act_quant=True')
         for name in ('w_lr', 'a_lr', 'b_lr', 'round_weight'):
             if getattr(self, name) < 0:
-                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+                raise OptionError(name, f'{name} must be >= 0, got {getattr(self, name)}')
 
     def lr_factor(self) -> float:
         """Multiplier of ``w_lr`` and ``a_lr`` under this stage's schedule (1 for ``'paper'``)."""
@@ -164,11 +172,11 @@ class CompensationConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not 0 <= self.ridge < float('inf'):
-            raise ValueError(f'ridge must be a finite number >= 0, got {self.ridge!r}')
+            raise OptionError('ridge', f'ridge must be a finite number >= 0, got {self.ridge!r}')
         if self.placement not in COMPENSATION_PLACEMENTS:
-            raise ValueError(f'placement must be one of {COMPENSATION_PLACEMENTS}, got {self.placement!r}')
+            raise OptionError('placement', f'placement must be one of {COMPENSATION_PLACEMENTS}, got {self.placement!r}')
         if not isinstance(self.validate, bool):
-            raise ValueError(f'validate must be True or False, got {self.validate!r}')
+            raise OptionError('validate', f'validate must be True or False, got {self.validate!r}')
 
 
 @dataclass(frozen=True)
@@ -204,16 +212,16 @@ class PredictionConfig:
     def __post_init__(self) -> None:
         _check_positive_int('pd_interval', self.pd_interval)
         if isinstance(self.dc_iters, bool) or not isinstance(self.dc_iters, int) or self.dc_iters < 0:
-            raise ValueError(f'dc_iters must be an integer >= 0 (0 = no distribution correction), '
+            raise OptionError('dc_iters', f'dc_iters must be an integer >= 0 (0 = no distribution correction), '
                              f'got {self.dc_iters!r}')
         for name in ('pd_weight', 'dc_weight', 'pd_cache_gb'):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float('inf'):
-                raise ValueError(f'{name} must be a finite number >= 0, got {value!r}')
+                raise OptionError(name, f'{name} must be a finite number >= 0, got {value!r}')
         for name in ('pd_temperature', 'dc_lr'):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float('inf'):
-                raise ValueError(f'{name} must be a finite number > 0, got {value!r}')
+                raise OptionError(name, f'{name} must be a finite number > 0, got {value!r}')
 
 
 PREDICTION_OPTIONS = frozenset(PredictionConfig.__dataclass_fields__)
@@ -237,7 +245,7 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         if self.act_calibration not in ACT_CALIBRATIONS:
-            raise ValueError(f'act_calibration must be one of {ACT_CALIBRATIONS}, got {self.act_calibration!r}')
+            raise OptionError('act_calibration', f'act_calibration must be one of {ACT_CALIBRATIONS}, got {self.act_calibration!r}')
 
     def build_hooks(self, prediction: Any = None) -> List['MethodHooks']:
         """The hooks of the method's additions to the loop, in the order they run (prediction term, compensation)."""
@@ -336,6 +344,6 @@ def build_method(name: str, iters: int = PAPER_ITERS, drop_prob: float = 0.5, ac
     method = replace(METHODS[name](MethodOptions(iters, drop_prob, act_iters, act_lr_stage2, dict(stage), prediction)),
                      act_calibration=act_calibration)
     if prediction and method.prediction is None:
-        raise ValueError(f'{next(iter(prediction))} only applies to methods with a prediction term '
+        raise OptionError(next(iter(prediction)), f'{next(iter(prediction))} only applies to methods with a prediction term '
                          f'(pdquant), not {name!r}')
     return method

@@ -135,9 +135,9 @@ class PTQSettings:
                                 act_iters=self.act_iters, batch_size=self.batch_size,
                                 act_calibration=self.act_calibration, **self.method_options)
         except ValueError as err:
-            name = str(err).split(' ', 1)[0]
-            prefix = 'ptq.method_options.' if name in self.method_options else \
-                'ptq.' if name == 'act_calibration' else 'ptq: '
+            key = getattr(err, 'key', None)
+            prefix = 'ptq.method_options.' if key in self.method_options else \
+                'ptq.' if key == 'act_calibration' else 'ptq: '
             raise PTQConfigError(f'{prefix}{err}') from None
 
     def bits_for(self, path: str, first_layer: bool) -> Tuple[int, int]:
