@@ -11,7 +11,8 @@ ptq = dict(
     iters=20000,             # reconstruction iterations per unit
     act_iters=5000,          # brecq's second (activation step) stage
     num_images=256,          # calibration images from the TRAIN split
-    batch_size=2,
+    batch_size=2,            # reconstruction batch (images per step)
+    calib_batch_size=None,   # images per calibration/capture forward; None = batch_size
     seed=0,
     scope='auto',            # backbone and neck (whichever the model has); heads stay FP, as in the authors' protocol
     quantize_fpn_outputs=False,   # FPN output convs: weights quantized, outputs FP

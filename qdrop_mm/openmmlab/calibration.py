@@ -19,7 +19,7 @@ def calibration_dataloader_cfg(cfg: ConfigDict, settings: PTQSettings) -> Dict[s
         raise PTQConfigError('the config has no train_dataloader: calibration uses the train split '
                              '(never val); define train_dataloader or inherit it from an mmdet/mmseg base config')
     dl = copy.deepcopy(cfg.train_dataloader)
-    dl['batch_size'] = settings.batch_size
+    dl['batch_size'] = settings.calibration_batch_size
     dl['num_workers'] = settings.calib_num_workers
     dl['persistent_workers'] = False
     dl['sampler'] = dict(type='DefaultSampler', shuffle=True, seed=settings.seed)
@@ -28,7 +28,7 @@ def calibration_dataloader_cfg(cfg: ConfigDict, settings: PTQSettings) -> Dict[s
 
 
 def build_calibration_batches(cfg: ConfigDict, settings: PTQSettings) -> List[dict]:
-    """``settings.num_images`` train images through the train pipeline, in batches of ``batch_size``.
+    """``settings.num_images`` train images through the train pipeline, in batches of ``calibration_batch_size``.
 
     Deterministic for a given ``ptq.seed``: the sampler is seeded, dataloader workers are seeded by
     mmengine from the same seed, and the caller seeds the main process' RNGs (random transforms

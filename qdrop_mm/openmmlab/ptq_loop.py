@@ -313,7 +313,7 @@ class PTQLoop(TestLoop):
             self.runner.cfg, replace(settings, num_images=settings.num_images + settings.holdout_images))
         batches, held_out = split_batches(batches, images_for_this_rank(settings.num_images))
         logger.info(f'calibration: {num_images(batches)} train images in {len(batches)} batches of '
-                    f'{settings.batch_size}, input shapes {sorted({tuple(b["inputs"][0].shape) for b in batches})[:3]}'
+                    f'{settings.calibration_batch_size}, input shapes {sorted({tuple(b["inputs"][0].shape) for b in batches})[:3]}'
                     + (f'; {num_images(held_out)} held-out train images for the feature-error check' if held_out else ''))
         t1 = time.perf_counter()
         model.eval()

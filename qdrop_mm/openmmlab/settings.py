@@ -58,6 +58,7 @@ class PTQSettings:
     act_iters: int = 5000
     num_images: int = 256
     batch_size: int = 2
+    calib_batch_size: Optional[int] = None
     seed: int = 0
     scope: Tuple[str, ...] = ('auto',)
     quantize_fpn_outputs: bool = False
@@ -92,6 +93,8 @@ class PTQSettings:
                              f'quantization), got {p!r}')
         for key in ('iters', 'act_iters', 'num_images', 'batch_size'):
             kw[key] = _positive_int(key, cfg.get(key, getattr(cls, key)))
+        if cfg.get('calib_batch_size') is not None:
+            kw['calib_batch_size'] = _positive_int('calib_batch_size', cfg['calib_batch_size'])
         seed = cfg.get('seed', cls.seed)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
             raise PTQConfigError(f'ptq.seed must be an integer from 0 to {2 ** 32 - 1}, got {seed!r}')
@@ -128,6 +131,11 @@ class PTQSettings:
         settings = cls(**kw)
         settings.build_method()
         return settings
+
+    @property
+    def calibration_batch_size(self) -> int:
+        """Images per calibration forward (capture, calibration): ``calib_batch_size``, else ``batch_size``."""
+        return self.calib_batch_size or self.batch_size
 
     def build_method(self) -> MethodConfig:
         try:

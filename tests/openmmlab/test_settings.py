@@ -65,3 +65,12 @@ def test_method_option_types_follow_the_stage_fields():
                         (dict(w_lr=float('nan')), 'w_lr must be a finite number')]:
         with pytest.raises(PTQConfigError, match=match):
             PTQSettings.from_cfg(dict(method_options=opts))
+
+
+def test_calibration_and_reconstruction_batch_sizes_are_separate():
+    s = PTQSettings.from_cfg(dict(batch_size=4))
+    assert (s.calibration_batch_size, s.build_method().stages[0].batch_size) == (4, 4)
+    s = PTQSettings.from_cfg(dict(batch_size=4, calib_batch_size=16))
+    assert (s.calibration_batch_size, s.build_method().stages[0].batch_size) == (16, 4)
+    with pytest.raises(ValueError, match='ptq.calib_batch_size must be a positive integer, got 0'):
+        PTQSettings.from_cfg(dict(calib_batch_size=0))
