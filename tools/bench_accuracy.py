@@ -42,10 +42,15 @@ def run_key(run: dict) -> tuple:
             tuple(run.get('options', ())), run.get('seed', 0))
 
 
+DEFAULT_NUM_IMAGES = 32
+
+
 def label(run: dict) -> str:
-    """Method name, with any extra options, as the table shows it."""
+    """Method name, with any extra options and a calibration set other than the default, as the table shows it."""
     short = [o.replace('ptq.', '').replace('method_options.', '') for o in run.get('options', ())]
-    return run['method'] + (f"[{','.join(short)}]" if short else '')
+    n = run.get('num_images', DEFAULT_NUM_IMAGES)
+    return run['method'] + (f"[{','.join(short)}]" if short else '') + (
+        f', {n} images' if n != DEFAULT_NUM_IMAGES else '')
 
 
 def run_one(model: str, method: str, w_bits: int, a_bits: int, seed: int, args, fp_ckpt: str) -> dict:
@@ -102,8 +107,10 @@ def cell(res: dict, name: str, wa: tuple, key: str):
 
 
 def _mark(res: dict, name: str, c, wa: tuple, key: str) -> str:
-    """'*' where the row beats RTN at this bit width by more than the combined spread."""
-    base = cell(res, 'rtn', wa, key)
+    """'*' where the row beats RTN (same number of calibration images) at this bit width by more than the
+    combined spread."""
+    n = next((r.get('num_images', DEFAULT_NUM_IMAGES) for r in res['runs'] if row_name(r) == name), DEFAULT_NUM_IMAGES)
+    base = cell(res, label({'method': 'rtn', 'num_images': n}), wa, key)
     return '*' if c is not None and base is not None and name != 'rtn' and c.beats(base) else ''
 
 
@@ -239,7 +246,7 @@ def main(argv=None) -> dict:
     p.add_argument('--sanity-bits', nargs='*', default=['8/8'], help='extra bit widths run for --sanity-methods only')
     p.add_argument('--sanity-methods', nargs='*', default=['rtn', 'qdrop'])
     p.add_argument('--iters', type=int, default=300)
-    p.add_argument('--num-images', type=int, default=32)
+    p.add_argument('--num-images', type=int, default=DEFAULT_NUM_IMAGES)
     p.add_argument('--seeds', type=int, default=1, help='runs per cell with ptq.seed = 0 … N-1 (>= 3 for claims)')
     p.add_argument('--options', nargs='*', default=[], help='extra --cfg-options for every run, e.g. ptq.drop_prob=1.0 '
                    '(kept with each result and shown beside the method name)')

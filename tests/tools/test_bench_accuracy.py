@@ -109,3 +109,16 @@ def test_seeds_are_part_of_the_reuse_key():
     from tools.bench_accuracy import run_key
     assert run_key(_run('rtn', 4, 4, 0.1)) == run_key(_run('rtn', 4, 4, 0.2, seed=0))
     assert run_key(_run('rtn', 4, 4, 0.1, seed=1)) != run_key(_run('rtn', 4, 4, 0.1, seed=0))
+
+
+def test_calibration_set_sizes_are_separate_rows_compared_with_their_own_rtn():
+    def runs(method, n, values):
+        return [{**_run(method, 4, 4, v, seed=s), 'num_images': n} for s, v in enumerate(values)]
+    res = {'models': {'m': {'fp': {'coco/bbox_mAP': 0.5}, 'runs': [
+        *runs('rtn', 32, [0.30, 0.30, 0.30]), *runs('qdrop', 32, [0.35, 0.35, 0.35]),
+        *runs('rtn', 128, [0.40, 0.40, 0.40]), *runs('qdrop', 128, [0.38, 0.38, 0.38])]}}}
+    lines = table(res, ['rtn', 'qdrop'], [(4, 4)]).strip().splitlines()
+    rows = {ln[:34].strip(): ln[34:].split()[0] for ln in lines[2:] if not ln.startswith('  W')}
+    # 128-image QDrop (0.38) beats 32-image RTN but not its own RTN (0.40): no mark
+    assert rows == {'rtn': '0.300±0.000', 'rtn, 128 images': '0.400±0.000', 'qdrop, 300 it': '0.350±0.000*',
+                    'qdrop, 128 images, 300 it': '0.380±0.000'}
