@@ -127,7 +127,7 @@ def translate(spec: CellSpec) -> Dict[str, Any]:
             'config_file': aimet_config(), 'num_batches': num_batches}
         if spec.method == 'adaround':
             out.update(default_num_iterations=spec.iters, default_reg_param=0.01, default_beta_range=(20, 2),
-                       default_warm_start=0.2)
+                       default_warm_start=0.2, samples_per_iteration=spec.batch_size)
         else:
             out.update(num_candidates=20)
         return out
@@ -446,7 +446,15 @@ def quantize_aimet(net, calib, spec: CellSpec, settings: Dict[str, Any], work: s
             sim.model.get_submodule(name).param_quantizers['weight'].bitwidth = bw
 
     if spec.method == 'adaround':
+        from aimet_torch._base.adaround import adaround_optimizer
         from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
+        # AIMET draws BATCH_SIZE = 32 cached samples per iteration (a module constant, no parameter); at
+        # 32 calibration images that is 16x the images per iteration of every other row: set it to ours
+        if adaround_optimizer.BATCH_SIZE != settings['samples_per_iteration']:
+            notes.append(f'aimet AdaRound: samples per iteration set from its constant BATCH_SIZE = '
+                         f'{adaround_optimizer.BATCH_SIZE} to {settings["samples_per_iteration"]} (ptq.batch_size of '
+                         f'our runs), so that {spec.iters} iterations see as many images as ours')
+            adaround_optimizer.BATCH_SIZE = settings['samples_per_iteration']
         params = AdaroundParameters(data_loader=loader, num_batches=settings['num_batches'],
                                     default_num_iterations=settings['default_num_iterations'],
                                     default_reg_param=settings['default_reg_param'],
@@ -603,6 +611,7 @@ def run_cell(spec: CellSpec, config: str, checkpoint: str, work: str, threads: i
             traceback.print_exc()
         result['error'] = err.args[0] if stage == 'quantize' and isinstance(err, RuntimeError) and result['attempts'] \
             else f'{stage}: {one_line(err)}'
+    result['notes'] = list(dict.fromkeys(result['notes']))
     result['seconds'] = time.perf_counter() - t0
     result['peak_mib'] = peak_mib()
     return result

@@ -42,7 +42,7 @@ def test_translate_aimet_adaround_budget_bits_and_first_layer():
     s = translate(CellSpec('aimet', 'adaround', 2, 4, seed=1, iters=300, num_images=32, batch_size=2))
     assert (s['default_param_bw'], s['default_output_bw']) == (2, 4)
     assert s['param_bw_override'] == {'backbone.conv1': 8}
-    assert s['default_num_iterations'] == 300 and s['num_batches'] == 16
+    assert s['default_num_iterations'] == 300 and s['num_batches'] == 16 and s['samples_per_iteration'] == 2
     cfg = s['config_file']
     assert cfg['defaults']['params']['is_symmetric'] == 'False'
     assert cfg['defaults']['per_channel_quantization'] == 'True'
