@@ -51,7 +51,14 @@ log "torch: base venv $BASE_TORCH, seen from $PEERS_VENV $after"
 [ "$after" = "$BASE_TORCH" ] || { echo "error: the peer venv sees torch $after, not the base venv's $BASE_TORCH" >&2; exit 1; }
 "$PY" - <<'EOF'
 import importlib, traceback
-for name in ('aimet_torch', 'brevitas', 'mqbench'):
+from qdrop_mm.benchmarks.peers import import_torchvision_without_ops
+err = import_torchvision_without_ops()
+if err:
+    print(f'[setup_peers] torchvision: {err} (CUDA wheel, CPU torch); bench_peers imports it without its op registrations')
+for name in ('aimet_torch', 'aimet_torch.adaround.adaround_weight', 'aimet_torch.seq_mse', 'aimet_torch.model_preparer',
+             'brevitas', 'brevitas_examples.imagenet_classification.ptq.ptq_common',
+             'brevitas_examples.imagenet_classification.ptq.learned_round_utils', 'mqbench',
+             'mqbench.prepare_by_platform', 'mqbench.advanced_ptq'):
     try:
         mod = importlib.import_module(name)
         print(f'[setup_peers] {name}: imported {getattr(mod, "__version__", "")} from {mod.__file__}')
