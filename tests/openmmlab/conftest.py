@@ -1,7 +1,6 @@
 """Shared helpers for the OpenMMLab tests: build models from our configs, make random checkpoints."""
 import os.path as osp
 
-import pytest
 import torch
 from torch import nn
 
