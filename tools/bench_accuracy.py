@@ -2,7 +2,7 @@
 
     python tools/bench_accuracy.py [--models faster_rcnn_r18_fpn_shapes ...] [--bits 4/4 2/4]
         [--methods rtn adaround brecq qdrop] [--sanity-bits 8/8] [--sanity-methods rtn qdrop]
-        [--iters 300] [--num-images 32] [--seeds 3] [--threads 1]
+        [--iters 300] [--num-images 32] [--seeds 3] [--threads 1] [--val-images 1000]
 
 Trains (or reuses) each demo FP model, runs tools/ptq.py for every method and
 bit width with the given iterations per unit (plus the sanity bit widths for
@@ -13,6 +13,9 @@ below each table every pair of rows one of which beats the other by more than
 that combined spread) and writes work_dirs/bench_accuracy/results.json (every
 run) and accuracy.png. Runs already in results.json with the same settings are
 reused, so an interrupted benchmark continues and methods or seeds can be added later.
+--val-images N evaluates on a generated val split of N images (a superset of the
+default 100; its own table, FP re-evaluated there); a reconstruction already in a
+run's work dir with the same settings is then only re-evaluated.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ METRIC = {'faster_rcnn_r18_fpn_shapes': 'coco/bbox_mAP', 'retinanet_r18_fpn_shap
 
 def metric_key(model: str, res: dict) -> str:
     """The headline metric of a model's rows: known demo models by name, others by what their FP result holds."""
-    return METRIC.get(model, 'mIoU' if 'mIoU' in res.get('fp', {}) else 'coco/bbox_mAP')
+    return METRIC.get(base_model(model), 'mIoU' if 'mIoU' in res.get('fp', {}) else 'coco/bbox_mAP')
 
 
 def run_key(run: dict) -> tuple:
@@ -53,20 +56,46 @@ def label(run: dict) -> str:
         f', {n} images' if n != DEFAULT_NUM_IMAGES else '')
 
 
-def run_one(model: str, method: str, w_bits: int, a_bits: int, seed: int, args, fp_ckpt: str) -> dict:
-    from qdrop_mm.api import quantize
+def split_name(model: str, val_images) -> str:
+    """The results entry of a model evaluated on another val split: its own table, its own FP row."""
+    return f'{model}@val{val_images}' if val_images else model
+
+
+def base_model(name: str) -> str:
+    return name.split('@')[0]
+
+
+def run_one(model: str, method: str, w_bits: int, a_bits: int, seed: int, args, fp_ckpt: str,
+            config=None) -> dict:
+    """Quantize and evaluate one cell's seed. ``config``: a Config for another val split (default: the demo
+    config). A reconstruction already in the run's work dir with the same settings is only re-evaluated."""
+    from qdrop_mm.api import load_quantized, quantize
+    from qdrop_mm.openmmlab.atomic_io import atomic_write_json
     from qdrop_mm.openmmlab.runner import exit_on_error, parse_cfg_options
-    cfg = osp.join(REPO, 'configs/demo', f'{model}.py')
-    work = osp.join(args.out, model, f'{method}_w{w_bits}a{a_bits}_{args.iters}it' + ''.join(
+    base = base_model(model)
+    config = config if config is not None else osp.join(REPO, 'configs/demo', f'{base}.py')
+    work = osp.join(args.out, base, f'{method}_w{w_bits}a{a_bits}_{args.iters}it' + ''.join(
         '_' + o.replace('ptq.', '').replace('=', '') for o in args.options) + (f'_seed{seed}' if seed else ''))
     opts = [f'ptq.method={method}', f'ptq.w_bits={w_bits}', f'ptq.a_bits={a_bits}', f'ptq.iters={args.iters}',
             f'ptq.act_iters={max(1, args.iters // 4)}', f'ptq.num_images={args.num_images}',
             f'ptq.seed={seed}', 'ptq.calib_num_workers=0', *args.options]
+    recon = {'fp_checkpoint': osp.abspath(fp_ckpt), 'options': opts}
+    record, quantized = osp.join(work, 'bench_run.json'), osp.join(work, 'quantized.pth')
     t0 = time.perf_counter()
-    metrics = exit_on_error(quantize, cfg, fp_ckpt, work_dir=work, cfg_options=parse_cfg_options(opts)).metrics
-    return {'model': model, 'method': method, 'w_bits': w_bits, 'a_bits': a_bits, 'iters': args.iters,
-            'num_images': args.num_images, 'options': list(args.options), 'seed': seed,
-            'metrics': {k: float(v) for k, v in metrics.items()}, 'seconds': time.perf_counter() - t0}
+    if osp.isfile(quantized) and osp.isfile(record) and load_results(record) == recon:
+        metrics = exit_on_error(load_quantized, config, quantized, work_dir=osp.join(work, f'eval_{model}'),
+                                cfg_options=parse_cfg_options(opts)).metrics
+        reused = True
+    else:
+        metrics = exit_on_error(quantize, config, fp_ckpt, work_dir=work, cfg_options=parse_cfg_options(opts)).metrics
+        atomic_write_json(recon, record)
+        reused = False
+    run = {'model': model, 'method': method, 'w_bits': w_bits, 'a_bits': a_bits, 'iters': args.iters,
+           'num_images': args.num_images, 'options': list(args.options), 'seed': seed,
+           'metrics': {k: float(v) for k, v in metrics.items()}, 'seconds': time.perf_counter() - t0}
+    if reused:
+        run['reevaluated'] = quantized
+    return run
 
 
 NO_ITERATIONS = ('rtn', 'qwt')
@@ -251,13 +280,16 @@ def main(argv=None) -> dict:
     p.add_argument('--options', nargs='*', default=[], help='extra --cfg-options for every run, e.g. ptq.drop_prob=1.0 '
                    '(kept with each result and shown beside the method name)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (1: run several benchmarks at once)')
+    p.add_argument('--val-images', type=int, default=None,
+                   help='evaluate on a val split of this many generated images (default: the config\'s, 100); '
+                        'a superset of the default split, for a smaller evaluation spread')
     p.add_argument('--out', default=osp.join(REPO, 'work_dirs/bench_accuracy'))
     p.add_argument('--merge', nargs='*', default=[], help='results.json files of earlier runs to add to --out first')
     p.add_argument('--no-run', action='store_true', help='only print the table and draw the chart of what --out holds')
     p.add_argument('--markdown', action='store_true', help='print the table as Markdown (for the README)')
     args = p.parse_args(argv)
     import torch
-    from qdrop_mm.demo.training import train_fp_model
+    from qdrop_mm.demo.training import evaluate_fp_model, train_fp_model, with_val_split
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.seeds < 1:
@@ -275,18 +307,25 @@ def main(argv=None) -> dict:
     results['commands'] = list(dict.fromkeys(results.get('commands', []) + [command]))
     if args.merge:
         save_results(results, path)
-    for model in ([] if args.no_run else args.models):
-        fp = train_fp_model(osp.join(REPO, 'configs/demo', f'{model}.py'), osp.join(REPO, 'work_dirs/demo', model))
+    for base in ([] if args.no_run else args.models):
+        cfg_path = osp.join(REPO, 'configs/demo', f'{base}.py')
+        fp = train_fp_model(cfg_path, osp.join(REPO, 'work_dirs/demo', base))
+        model, config, fp_metrics = split_name(base, args.val_images), None, fp['metrics']
         res = results['models'].setdefault(model, {'runs': []})
         digest = fp['record']['config_digest']
-        check_same_fp_model(model, res, digest, fp['metrics'], path)
-        res['fp'], res['fp_digest'] = fp['metrics'], digest
+        if args.val_images:
+            config = with_val_split(cfg_path, args.val_images)
+            config.work_dir = osp.join(args.out, base)
+            fp_metrics = res['fp'] if res.get('fp_digest') == digest else evaluate_fp_model(config, fp['checkpoint'])
+        check_same_fp_model(model, res, digest, fp_metrics, path)
+        res['fp'], res['fp_digest'] = fp_metrics, digest
+        save_results(results, path)
         for seed in range(args.seeds):
             for (w_bits, a_bits), method in plan:
                 key = (method, w_bits, a_bits, args.iters, args.num_images, tuple(args.options), seed)
                 if any(run_key(r) == key for r in res['runs']):
                     continue
-                res['runs'].append(run_one(model, method, w_bits, a_bits, seed, args, fp['checkpoint']))
+                res['runs'].append(run_one(model, method, w_bits, a_bits, seed, args, fp['checkpoint'], config))
                 save_results(results, path)
     methods = list(dict.fromkeys(args.methods + args.sanity_methods))
     print((markdown if args.markdown else table)(results, methods, bits + sanity))

@@ -377,6 +377,35 @@ def train_fp_model(cfg_path: PathLike, work_dir: Optional[PathLike] = None,
     return _result(record, out, time.perf_counter() - start, cached=False)
 
 
+def with_val_split(cfg_path: PathLike, num_val: int) -> Config:
+    """The demo config evaluated on a ``num_val``-image val split, generated beside ``data_root``.
+
+    Every image depends only on (seed, split, index), so the train split and the first images of
+    val are those of the default dataset: a larger split only adds held-out images (for benchmarks
+    that need a smaller evaluation spread than the default val split allows).
+    """
+    if num_val < 1:
+        raise ValueError(f"the val split needs at least one image, got {num_val}")
+    cfg = load_demo_config(cfg_path)
+    root = f"{str(cfg.data_root).rstrip('/')}_val{num_val}/"
+    cfg = load_demo_config(cfg_path, {"data_root": root, "demo_data.num_val": num_val})
+    register_scope(cfg)
+    ensure_demo_data(cfg)
+    return cfg
+
+
+def evaluate_fp_model(cfg: Config, checkpoint: PathLike) -> Dict[str, float]:
+    """The test metrics of published FP weights under ``cfg`` (e.g. on another val split)."""
+    from mmengine.runner import Runner
+
+    register_scope(cfg)
+    cfg = cfg.copy()
+    cfg.load_from = str(checkpoint)
+    cfg.work_dir = str(Path(cfg.work_dir) / "fp_eval")
+    metrics = Runner.from_cfg(cfg).test()
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) or getattr(v, "ndim", 1) == 0}
+
+
 def _result(record: Dict[str, Any], out: Path, seconds: float, cached: bool) -> Dict[str, Any]:
     return {"metrics": dict(record["metrics"]), "checkpoint": str(out / PUBLISHED_WEIGHTS),
             "seconds": seconds, "train_seconds": record["train_seconds"],
