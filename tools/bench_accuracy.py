@@ -224,6 +224,61 @@ def plot(results: dict, methods, bits, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def curves(res: dict, wa: tuple, key: str) -> dict:
+    """{method label: [(iterations, Cell)], ascending} for every method run at two or more budgets at ``wa``."""
+    out: dict = {}
+    for r in res['runs']:
+        if r['method'] not in NO_ITERATIONS and (r['w_bits'], r['a_bits']) == wa and key in r['metrics']:
+            out.setdefault(label(r), set()).add(r['iters'])
+    return {name: [(it, cell(res, f'{name}, {it} it', wa, key)) for it in sorted(its)]
+            for name, its in out.items() if len(its) > 1}
+
+
+def curve_table(results: dict, wa: tuple) -> str:
+    """Accuracy against iterations per unit; each point's gain over RTN as a share of the longest run's gain."""
+    lines = []
+    for model, res in results['models'].items():
+        key = metric_key(model, res)
+        digits = 2 if key == 'mIoU' else 3
+        rtn = cell(res, 'rtn', wa, key)
+        for name, points in curves(res, wa, key).items():
+            lines.append(f"\n{model} W{wa[0]}A{wa[1]} {name} ({key}; FP {res['fp'].get(key, float('nan')):.{digits}f}"
+                         + (f'; RTN {rtn.text(digits)}' if rtn else '') + ')')
+            top = points[-1][1].mean - rtn.mean if rtn else None
+            for it, c in points:
+                share = f'{100 * (c.mean - rtn.mean) / top:6.0f} % of the {points[-1][0]}-it gain' \
+                    if top and top > 0 else ''
+                lines.append(f'  {it:>6} it  {c.text(digits):>14}  {share}')
+    return '\n'.join(lines)
+
+
+def plot_curves(results: dict, wa: tuple, path: str) -> None:
+    """The curves of `curves` on a log iteration axis, with RTN and FP as horizontal lines."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    models = [m for m, res in results['models'].items() if curves(res, wa, metric_key(m, res))]
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        res = results['models'][model]
+        key = metric_key(model, res)
+        for name, points in curves(res, wa, key).items():
+            ax.errorbar([p[0] for p in points], [p[1].mean for p in points], yerr=[p[1].std for p in points],
+                        marker='o', capsize=2, label=name)
+        rtn = cell(res, 'rtn', wa, key)
+        if rtn:
+            ax.axhline(rtn.mean, color='gray', linestyle=':', label='rtn')
+        ax.axhline(res['fp'].get(key, 0), color='k', linestyle='--', label='FP')
+        ax.set_xscale('log')
+        ax.set_xlabel('iterations per unit')
+        ax.set_title(f'{model} W{wa[0]}A{wa[1]}\n{key}')
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def load_results(path: str) -> dict:
     with open(path) as f:
         results = json.load(f)
@@ -287,6 +342,8 @@ def main(argv=None) -> dict:
     p.add_argument('--merge', nargs='*', default=[], help='results.json files of earlier runs to add to --out first')
     p.add_argument('--no-run', action='store_true', help='only print the table and draw the chart of what --out holds')
     p.add_argument('--markdown', action='store_true', help='print the table as Markdown (for the README)')
+    p.add_argument('--curve', metavar='W/A', help='also print and plot (curve.png) accuracy against iterations per '
+                   'unit at these bits, for every method run at two or more --iters')
     args = p.parse_args(argv)
     import torch
     from qdrop_mm.demo.training import evaluate_fp_model, train_fp_model, with_val_split
@@ -330,7 +387,13 @@ def main(argv=None) -> dict:
     methods = list(dict.fromkeys(args.methods + args.sanity_methods))
     print((markdown if args.markdown else table)(results, methods, bits + sanity))
     plot(results, methods, bits + sanity, osp.join(args.out, 'accuracy.png'))
-    print(f'wrote {path} and accuracy.png')
+    written = 'accuracy.png'
+    if args.curve:
+        wa = parse([args.curve])[0]
+        print(curve_table(results, wa))
+        plot_curves(results, wa, osp.join(args.out, 'curve.png'))
+        written += ' and curve.png'
+    print(f'wrote {path} and {written}')
     return results
 
 

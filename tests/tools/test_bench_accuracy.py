@@ -122,3 +122,54 @@ def test_calibration_set_sizes_are_separate_rows_compared_with_their_own_rtn():
     # 128-image QDrop (0.38) beats 32-image RTN but not its own RTN (0.40): no mark
     assert rows == {'rtn': '0.300±0.000', 'rtn, 128 images': '0.400±0.000', 'qdrop, 300 it': '0.350±0.000*',
                     'qdrop, 128 images, 300 it': '0.380±0.000'}
+
+
+def test_curve_reports_each_budget_as_a_share_of_the_longest_runs_gain(tmp_path):
+    from tools.bench_accuracy import curve_table, curves
+    res = {'models': {'m': {'fp': {'coco/bbox_mAP': 0.5}, 'runs': [
+        _run('rtn', 2, 4, 0.2), _run('qdrop', 2, 4, 0.35, iters=300), _run('qdrop', 2, 4, 0.38, iters=2000),
+        _run('qdrop', 2, 4, 0.4, iters=20000), _run('brecq', 2, 4, 0.3), _run('qdrop', 4, 4, 0.45)]}}}
+    got = curves(res['models']['m'], (2, 4), 'coco/bbox_mAP')
+    assert list(got) == ['qdrop'] and [it for it, _ in got['qdrop']] == [300, 2000, 20000]
+    lines = curve_table(res, (2, 4)).strip().splitlines()
+    assert 'RTN 0.200' in lines[0]
+    assert [ln.split()[0] for ln in lines[1:]] == ['300', '2000', '20000']
+    assert [ln.split()[3] for ln in lines[1:]] == ['75', '90', '100']
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'results.json').write_text(json.dumps(res))
+    main(['--no-run', '--methods', 'rtn', 'qdrop', '--bits', '2/4', '--sanity-bits', '--out', str(out),
+          '--curve', '2/4'])
+    assert (out / 'curve.png').stat().st_size > 0
+
+
+def test_another_val_split_reevaluates_the_saved_reconstruction(tmp_path, monkeypatch):
+    import argparse
+    import qdrop_mm.api as api
+    from tools.bench_accuracy import run_one, split_name
+    calls = []
+
+    def fake_quantize(config, checkpoint, work_dir, cfg_options):
+        calls.append(('quantize', work_dir))
+        open(f'{work_dir}/quantized.pth', 'wb').close()
+        return api.PTQRun(None, {'coco/bbox_mAP': 0.3}, {}, work_dir, None)
+
+    def fake_load(config, quantized, work_dir, cfg_options):
+        calls.append(('load', quantized, config))
+        return api.PTQRun(None, {'coco/bbox_mAP': 0.25}, {}, work_dir, None)
+
+    monkeypatch.setattr(api, 'quantize', fake_quantize)
+    monkeypatch.setattr(api, 'load_quantized', fake_load)
+    args = argparse.Namespace(out=str(tmp_path / 'out'), iters=10, options=[], num_images=4)
+    (tmp_path / 'out' / 'm' / 'qdrop_w4a4_10it_seed1').mkdir(parents=True)
+    first = run_one('m', 'qdrop', 4, 4, 1, args, 'fp.pth')
+    second = run_one(split_name('m', 1000), 'qdrop', 4, 4, 1, args, 'fp.pth', config='split-config')
+    other_seed_dir = tmp_path / 'out' / 'm' / 'qdrop_w4a4_10it_seed2'
+    other_seed_dir.mkdir()
+    third = run_one(split_name('m', 1000), 'qdrop', 4, 4, 2, args, 'fp.pth', config='split-config')
+    assert [c[0] for c in calls] == ['quantize', 'load', 'quantize']
+    assert calls[1][1].endswith('qdrop_w4a4_10it_seed1/quantized.pth') and calls[1][2] == 'split-config'
+    assert (first['metrics'], second['metrics'], third['metrics']) == (
+        {'coco/bbox_mAP': 0.3}, {'coco/bbox_mAP': 0.25}, {'coco/bbox_mAP': 0.3})
+    assert second['model'] == 'm@val1000' and second['reevaluated'].endswith('quantized.pth')
+    assert 'reevaluated' not in first
