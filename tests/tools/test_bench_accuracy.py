@@ -1,7 +1,7 @@
 """Merging benchmark results and rendering the table (no models run)."""
 import json
 
-from tools.bench_accuracy import load_results, main, merge_results, table
+from qdrop_mm.benchmarks.accuracy import load_results, main, merge_results, table
 
 
 def _run(method: str, w: int, a: int, m_ap: float, iters: int = 300, options=(), seed=None) -> dict:
@@ -46,7 +46,7 @@ def test_no_run_merges_old_single_command_files(tmp_path):
 
 
 def test_markdown_table_matches_text_rows():
-    from tools.bench_accuracy import markdown
+    from qdrop_mm.benchmarks.accuracy import markdown
     res = {'models': {'seg': {'fp': {'mIoU': 42.5}, 'runs': [
         {**_run('rtn', 4, 4, 0.0), 'metrics': {'mIoU': 41.25}, 'seconds': 12.4},
         {**_run('qdrop', 2, 4, 0.0), 'metrics': {'mIoU': 30.0}}]}}}
@@ -60,7 +60,7 @@ def test_markdown_table_matches_text_rows():
 
 def test_runs_of_another_fp_model_are_refused():
     import pytest
-    from tools.bench_accuracy import check_same_fp_model
+    from qdrop_mm.benchmarks.accuracy import check_same_fp_model
     res = {'fp': {'coco/bbox_mAP': 0.382}, 'fp_digest': 'aaa', 'runs': [_run('rtn', 4, 4, 0.3)]}
     check_same_fp_model('m', res, 'aaa', {'coco/bbox_mAP': 0.382}, 'x.json')
     with pytest.raises(SystemExit, match='another FP model'):
@@ -77,7 +77,7 @@ def test_runs_of_another_fp_model_are_refused():
 
 
 def test_seeded_cells_report_mean_std_and_significant_wins():
-    from tools.bench_accuracy import cell, markdown, significant_pairs
+    from qdrop_mm.benchmarks.accuracy import cell, markdown, significant_pairs
     runs = [_run('rtn', 4, 4, v, seed=s) for s, v in enumerate([0.50, 0.51, 0.52])]
     runs += [_run('qdrop', 4, 4, v, seed=s) for s, v in enumerate([0.54, 0.55, 0.56])]
     runs += [_run('brecq', 4, 4, v, seed=s) for s, v in enumerate([0.50, 0.53, 0.56])]
@@ -100,13 +100,13 @@ def test_seeded_cells_report_mean_std_and_significant_wins():
 
 
 def test_one_seed_never_counts_as_a_win():
-    from tools.bench_accuracy import significant_pairs
+    from qdrop_mm.benchmarks.accuracy import significant_pairs
     res = {'fp': {}, 'runs': [_run('rtn', 4, 4, 0.1, seed=0), _run('qdrop', 4, 4, 0.9, seed=0)]}
     assert significant_pairs(res, ['rtn', 'qdrop'], [(4, 4)], 'coco/bbox_mAP') == []
 
 
 def test_seeds_are_part_of_the_reuse_key():
-    from tools.bench_accuracy import run_key
+    from qdrop_mm.benchmarks.accuracy import run_key
     assert run_key(_run('rtn', 4, 4, 0.1)) == run_key(_run('rtn', 4, 4, 0.2, seed=0))
     assert run_key(_run('rtn', 4, 4, 0.1, seed=1)) != run_key(_run('rtn', 4, 4, 0.1, seed=0))
 
@@ -125,7 +125,7 @@ def test_calibration_set_sizes_are_separate_rows_compared_with_their_own_rtn():
 
 
 def test_curve_reports_each_budget_as_a_share_of_the_longest_runs_gain(tmp_path):
-    from tools.bench_accuracy import curve_table, curves
+    from qdrop_mm.benchmarks.accuracy import curve_table, curves
     res = {'models': {'m': {'fp': {'coco/bbox_mAP': 0.5}, 'runs': [
         _run('rtn', 2, 4, 0.2), _run('qdrop', 2, 4, 0.35, iters=300), _run('qdrop', 2, 4, 0.38, iters=2000),
         _run('qdrop', 2, 4, 0.4, iters=20000), _run('brecq', 2, 4, 0.3), _run('qdrop', 4, 4, 0.45)]}}}
@@ -146,7 +146,7 @@ def test_curve_reports_each_budget_as_a_share_of_the_longest_runs_gain(tmp_path)
 def test_another_val_split_reevaluates_the_saved_reconstruction(tmp_path, monkeypatch):
     import argparse
     import qdrop_mm.api as api
-    from tools.bench_accuracy import run_one, split_name
+    from qdrop_mm.benchmarks.accuracy import run_one, split_name
     calls = []
 
     def fake_quantize(config, checkpoint, work_dir, cfg_options):
