@@ -170,5 +170,11 @@ def describe_evaluation(evaluation: Dict[str, Any]) -> str:
     for name, metrics in evaluation['metrics'].items():
         main = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
         lines.append(f'  {name}: {main}')
-    lines.append(f'  predictions, onnxruntime default session vs PyTorch: {evaluation["agreement"]}')
+    agreement = dict(evaluation['agreement'])
+    diffs = agreement.pop('image_max_logit_diffs', None)
+    lines.append(f'  predictions, onnxruntime default session vs PyTorch: {agreement}')
+    if diffs:
+        lines.append(f'  largest |seg_logits difference| per image: min {diffs[0]:.3g}, median '
+                     f'{diffs[len(diffs) // 2]:.3g}, max {diffs[-1]:.3g}; {sum(d <= 1e-5 for d in diffs)} of '
+                     f'{len(diffs)} images within 1e-5')
     return '\n'.join(lines)

@@ -243,10 +243,18 @@ def compare_detections(reference: Sequence[Any], other: Sequence[Any], box_tol: 
 
 
 def compare_segmentation(reference: Sequence[Any], other: Sequence[Any]) -> Dict[str, float]:
-    """Fraction of pixels whose predicted class differs between two lists of mmseg data samples."""
-    differ = total = 0
+    """Pixels whose predicted class differs between two lists of mmseg data samples, images with none, and the
+    largest absolute difference of their ``seg_logits`` (each image's, sorted: a few images with a value on a
+    rounding boundary differ more than the rest)."""
+    differ = total = identical = 0
+    logit_diffs = []
     for ref, oth in zip(reference, other):
         a, b = ref.pred_sem_seg.data, oth.pred_sem_seg.data
-        differ += int((a != b).sum())
+        n = int((a != b).sum())
+        differ += n
+        identical += n == 0
         total += a.numel()
-    return {'pixels': total, 'differing': differ, 'fraction': differ / max(total, 1)}
+        if 'seg_logits' in ref and 'seg_logits' in oth:
+            logit_diffs.append(float((ref.seg_logits.data - oth.seg_logits.data).abs().max()))
+    return {'images': len(reference), 'images_identical': identical, 'pixels': total, 'differing': differ,
+            'fraction': differ / max(total, 1), 'image_max_logit_diffs': sorted(logit_diffs)}
