@@ -226,3 +226,16 @@ def test_retinanet_w4a4_with_nms_through_the_tool(shapes_root, tmp_path, one_thr
     agreement = result['evaluation']['agreement']
     assert agreement['images'] == SHAPES_VAL and agreement['reference'] == 100 * SHAPES_VAL
     assert agreement['images_identical'] >= 0.75 * SHAPES_VAL and agreement['matched'] >= 0.9 * agreement['reference']
+
+
+def test_nms_graph_with_no_detection_gives_empty_outputs(tmp_path, one_thread):
+    from qdrop_mm.export import GraphRunner, WholeModel, export_onnx, random_input
+    from ..openmmlab.conftest import build_model_from_config
+    _, model = build_model_from_config('configs/demo/retinanet_r18_fpn_shapes.py')  # scores ~0.01 < score_thr
+    x = random_input((1, 3, 128, 128), seed=0)
+    whole = WholeModel(model, nms=True).eval()
+    with torch.no_grad():
+        assert [tuple(t.shape) for t in whole(x)] == [(0, 5), (0,)]
+    export_onnx(whole, x, str(tmp_path / 'empty.onnx'), output_names=whole.output_names(5),
+                dynamic_axes={'dets': {0: 'num_dets'}, 'labels': {0: 'num_dets'}})
+    assert [tuple(t.shape) for t in GraphRunner(str(tmp_path / 'empty.onnx'))(x)] == [(0, 5), (0,)]
