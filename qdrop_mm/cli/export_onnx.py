@@ -1,7 +1,7 @@
 """Export a quantized model to ONNX with Quantize/DequantizeLinear (QDQ form).
 
     python tools/export_onnx.py CONFIG --quantized work_dirs/NAME/quantized.pth [--out FILE.onnx]
-        [--whole] [--input-shape 1 3 H W] [--dynamic] [--opset 17] [--check] [--check-image IMG]
+        [--whole [--nms]] [--input-shape 1 3 H W] [--dynamic] [--opset 17] [--check] [--check-image IMG]
         [--evaluate [N]] [--cfg-options k=v ...]
 
 Rebuilds the quantized structure from the config and quantized.pth exactly as
@@ -10,7 +10,8 @@ rewrites weights as integer constants with per-channel DequantizeLinear and
 activation quantizers as Clip + QuantizeLinear + DequantizeLinear (see
 qdrop_mm/export/onnx_qdq.py), and exports ``extract_feat`` (backbone + neck)
 or, with ``--whole``, the whole model with its heads' raw outputs
-(qdrop_mm/export/whole.py). The graph's input is the preprocessed image tensor
+(qdrop_mm/export/whole.py); ``--nms`` adds box decoding and ONNX
+NonMaxSuppression for single-stage detectors. The graph's input is the preprocessed image tensor
 (what the model's data_preprocessor outputs: normalised, padded). ``--check``
 runs the graph in onnxruntime on a seeded random input (``--check-image``: a
 real image through the config's test pipeline) and prints the difference to
@@ -39,6 +40,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--whole', action='store_true',
                    help='the whole model: backbone + neck (QDQ) and the heads\' raw outputs (RPN maps and RoI head '
                         'outputs for given rois; single-stage cls/reg maps; segmentor logits); default: extract_feat')
+    p.add_argument('--nms', action='store_true',
+                   help='with --whole, single-stage detectors (RetinaNet): box decoding and NMS in the graph (ONNX '
+                        'TopK + NonMaxSuppression), outputs dets (N x 5: box in input pixels, score) and labels; '
+                        'static input shape, batch 1')
     p.add_argument('--input-shape', type=int, nargs=4, metavar=('N', 'C', 'H', 'W'),
                    help=f'input tensor shape (default {" ".join(map(str, DEFAULT_SHAPE))}, or that of --check-image)')
     p.add_argument('--dynamic', action='store_true', help='dynamic batch, height and width')
@@ -77,6 +82,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--check-image file not found: {args.check_image}')
     if args.evaluate is not None and not args.whole:
         raise ValueError('--evaluate needs --whole (the metric needs the heads)')
+    if args.nms and not args.whole:
+        raise ValueError('--nms needs --whole (decoding needs the heads)')
+    if args.nms and args.dynamic:
+        raise ValueError('--nms needs a static input shape (no --dynamic)')
+    if args.nms and args.input_shape is not None and args.input_shape[0] != 1:
+        raise ValueError(f'--nms takes one image: --input-shape N must be 1, got {args.input_shape[0]}')
     if args.evaluate is not None and args.evaluate < 0:
         raise ValueError(f'--evaluate N must be >= 0 (0: every test image), got {args.evaluate}')
     out_dir = osp.dirname(osp.abspath(output_path(args.quantized, args.out, args.whole)))
@@ -96,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return exit_on_error(export, args.config, args.quantized, args.out, input_shape=args.input_shape,
                          dynamic=args.dynamic, opset=args.opset, check=args.check, check_image=args.check_image,
                          activation_storage=args.activation_storage, float_bias=args.float_bias, whole=args.whole,
-                         evaluate_images=args.evaluate, cfg_options=args.cfg_options)
+                         evaluate_images=args.evaluate, nms=args.nms, cfg_options=args.cfg_options)
 
 
 def console() -> None:

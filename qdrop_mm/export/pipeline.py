@@ -58,12 +58,13 @@ def _describe_first_divergence(agreement, log: Callable[[str], None]) -> None:
 def export(config: str, quantized: str, out: Optional[str] = None, *, input_shape: Optional[Sequence[int]] = None,
            dynamic: bool = False, opset: int = 17, check: bool = False, check_image: Optional[str] = None,
            activation_storage: str = 'int8', float_bias: bool = False, whole: bool = False,
-           evaluate_images: Optional[int] = None, cfg_options: Optional[Dict[str, Any]] = None,
+           evaluate_images: Optional[int] = None, nms: bool = False, cfg_options: Optional[Dict[str, Any]] = None,
            log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Write the QDQ graph of ``quantized`` to ``out``; returns what was written and measured.
 
     ``whole``: the whole model (heads' raw outputs, see :mod:`.whole`; opset >= 16 for two-stage RoI heads),
-    else ``extract_feat``. ``check``/``check_image``: compare the graph in onnxruntime with the PyTorch
+    else ``extract_feat``; ``nms`` (whole single-stage detectors, static shape, batch 1): box decoding and NMS in
+    the graph, outputs ``dets`` and ``labels``. ``check``/``check_image``: compare the graph in onnxruntime with the PyTorch
     fake-quant model (with the same int32-grid biases) on a random input / an image. ``evaluate_images``
     (whole only; 0 = the whole test split): the config's metric for the PyTorch model and for the graph in
     onnxruntime's default session, one image per run, and how many detections agree.
@@ -80,22 +81,26 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
         raise ValueError(f'{type(model).__name__} has no extract_feat: only detectors and segmentors are supported')
     if evaluate_images is not None and not whole:
         raise ValueError('--evaluate needs --whole (the metric needs the heads)')
+    if nms and (not whole or dynamic):
+        raise ValueError('--nms needs --whole and a static input shape (no --dynamic)')
     x = input_tensor(cfg, model, input_shape, check_image)
     out = output_path(quantized, out, whole)
     result: Dict[str, Any] = {'out': out, 'parity': None, 'model': model, 'cfg': cfg}
     if whole:
         from .whole import ROI_ALIGN_OPSET, WholeModel, example_rois, num_feature_levels
-        reference = WholeModel(model)
+        reference = WholeModel(model, nms)
         if reference.kind == 'two_stage' and opset < ROI_ALIGN_OPSET:
             raise ValueError(f'--opset must be >= {ROI_ALIGN_OPSET} for a two-stage detector (RoiAlign), got {opset}')
         example = (x, example_rois(x)) if reference.kind == 'two_stage' else (x,)
         prepared = prepare_export(model, lambda m: WholeModel(m)(*example), activation_storage, not float_bias)
-        graph_module = WholeModel(prepared.module)
+        graph_module = WholeModel(prepared.module, nms)
         levels = num_feature_levels(model, x)
         names = reference.output_names(levels)
-        roi_axes = {'rois': {0: 'num_rois'}, 'cls_score': {0: 'num_rois'}, 'bbox_pred': {0: 'num_rois'}}
+        axes = ({'rois': {0: 'num_rois'}, 'cls_score': {0: 'num_rois'}, 'bbox_pred': {0: 'num_rois'}}
+                if reference.kind == 'two_stage' else {'dets': {0: 'num_dets'}, 'labels': {0: 'num_dets'}} if nms
+                else None)
         export_onnx(graph_module, example, out, opset=opset, dynamic=dynamic, input_names=graph_module.input_names,
-                    output_names=names, dynamic_axes=roi_axes if reference.kind == 'two_stage' else None)
+                    output_names=names, dynamic_axes=axes)
         what = f'the whole {type(model).__name__} ({reference.kind}): outputs {", ".join(names)}'
         result.update(kind=reference.kind, levels=levels, output_names=names)
     else:
@@ -129,7 +134,7 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
         result['agreement'] = quantizer_agreement(out, graph_module, inputs)
         _describe_first_divergence(result['agreement'], log)
     if evaluate_images is not None:
-        result['evaluation'] = evaluate_graph(cfg, model, out, result['levels'], evaluate_images or None)
+        result['evaluation'] = evaluate_graph(cfg, model, out, result['levels'], evaluate_images or None, nms)
         log(describe_evaluation(result['evaluation']))
     return result
 
@@ -140,7 +145,7 @@ def _outputs(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> List[t
 
 
 def evaluate_graph(cfg: Any, model: torch.nn.Module, path: str, num_levels: int,
-                   max_images: Optional[int] = None) -> Dict[str, Any]:
+                   max_images: Optional[int] = None, nms: bool = False) -> Dict[str, Any]:
     """The config's metric for ``model`` (PyTorch, ``test_step``) and for the whole-model graph at ``path`` in
     onnxruntime's default session (decoded by :class:`~.whole.GraphPredictor`), on the same images, one per
     run, and how far their predictions agree (:func:`~.whole.compare_detections` / ``compare_segmentation``)."""
@@ -156,7 +161,7 @@ def evaluate_graph(cfg: Any, model: torch.nn.Module, path: str, num_levels: int,
             return samples
         return run
 
-    graph = GraphPredictor(model, GraphRunner(path), num_levels)
+    graph = GraphPredictor(model, GraphRunner(path), num_levels, nms)
     metrics = evaluate(cfg, {'pytorch': keep('pytorch', model_predictor(model)),
                              'onnxruntime': keep('onnxruntime', graph)}, max_images=max_images, batch_size=1)
     compare = compare_segmentation if kind == 'segmentor' else compare_detections
@@ -170,5 +175,11 @@ def describe_evaluation(evaluation: Dict[str, Any]) -> str:
     for name, metrics in evaluation['metrics'].items():
         main = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
         lines.append(f'  {name}: {main}')
-    lines.append(f'  predictions, onnxruntime default session vs PyTorch: {evaluation["agreement"]}')
+    agreement = dict(evaluation['agreement'])
+    diffs = agreement.pop('image_max_logit_diffs', None)
+    lines.append(f'  predictions, onnxruntime default session vs PyTorch: {agreement}')
+    if diffs:
+        lines.append(f'  largest |seg_logits difference| per image: min {diffs[0]:.3g}, median '
+                     f'{diffs[len(diffs) // 2]:.3g}, max {diffs[-1]:.3g}; {sum(d <= 1e-5 for d in diffs)} of '
+                     f'{len(diffs)} images within 1e-5')
     return '\n'.join(lines)

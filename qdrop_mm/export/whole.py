@@ -9,7 +9,10 @@ fake-quant model itself as the PyTorch reference) as a module whose outputs are 
   are extracted as mmdet's ``SingleRoIExtractor`` does (level by box size, ONNX ``RoiAlign`` with
   ``half_pixel`` = mmcv's ``aligned=True``), written as a masked sum over levels so the graph has no
   data-dependent shapes;
-- single-stage detectors (RetinaNet): ``input`` → classification maps, then regression maps per level;
+- single-stage detectors (RetinaNet): ``input`` → classification maps, then regression maps per level; with
+  ``nms=True`` (batch 1, static shape) the graph also decodes the boxes and runs NMS as mmdet's
+  ``predict_by_feat`` does (:func:`decode_and_nms`: ONNX ``TopK``, ``NonMaxSuppression``) and outputs
+  ``dets`` (N×5: x1, y1, x2, y2 in input pixels, score) and ``labels`` (N);
 - segmentors (mmseg EncoderDecoder): ``input`` → the decode head's logits (before resizing).
 
 :class:`GraphPredictor` runs such a graph in onnxruntime and finishes each image with the model's own
@@ -79,13 +82,117 @@ def extract_roi_features(extractor: nn.Module, feats: Sequence[Tensor], rois: Te
     return out
 
 
+class _MultiClassNMS(torch.autograd.Function):
+    """mmcv's ``batched_nms`` (per class, sorted by score), then the first ``max_per_img``; ONNX
+    ``NonMaxSuppression`` + ``TopK`` when exported. ``scores`` <= 0 mark boxes that are not candidates."""
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, labels: Tensor, num_classes: int, iou_threshold: float,
+                max_per_img: int, num_boxes: int) -> Tuple[Tensor, Tensor]:
+        from mmcv.ops import batched_nms
+        idx = torch.nonzero(scores > 0).flatten()
+        if not len(idx):
+            return boxes.new_zeros((0, 5)), labels.new_zeros((0,))
+        dets, keep = batched_nms(boxes[idx], scores[idx], labels[idx], dict(type='nms', iou_threshold=iou_threshold))
+        return dets[:max_per_img], labels[idx][keep[:max_per_img]]
+
+    @staticmethod
+    def symbolic(g, boxes, scores, labels, num_classes, iou_threshold, max_per_img, num_boxes):
+        def const(value):
+            return g.op('Constant', value_t=value)
+        classes = const(torch.arange(num_classes, dtype=torch.int64).reshape(-1, 1))
+        per_class = g.op('Where', g.op('Equal', classes, g.op('Unsqueeze', labels, const(torch.tensor([0])))),
+                         g.op('Unsqueeze', scores, const(torch.tensor([0]))), const(torch.tensor(-1.0)))
+        selected = g.op('NonMaxSuppression', g.op('Unsqueeze', boxes, const(torch.tensor([0]))),
+                        g.op('Unsqueeze', per_class, const(torch.tensor([0]))),
+                        const(torch.tensor([num_boxes], dtype=torch.int64)),
+                        const(torch.tensor([iou_threshold], dtype=torch.float32)),
+                        const(torch.tensor([0.0], dtype=torch.float32)))
+        index = g.op('Gather', selected, const(torch.tensor(2)), axis_i=1)
+        kept_scores = g.op('Gather', scores, index, axis_i=0)
+        k = g.op('Min', g.op('Shape', kept_scores), const(torch.tensor([max_per_img], dtype=torch.int64)))
+        top, order = g.op('TopK', kept_scores, k, axis_i=0, largest_i=1, sorted_i=1, outputs=2)
+        index = g.op('Gather', index, order, axis_i=0)
+        dets = g.op('Concat', g.op('Gather', boxes, index, axis_i=0),
+                    g.op('Unsqueeze', top, const(torch.tensor([1]))), axis_i=1)
+        return dets, g.op('Gather', labels, index, axis_i=0)
+
+
+def check_decodable(head: nn.Module) -> None:
+    """ValueError unless ``head`` decodes as :func:`decode_and_nms` writes it (RetinaNet-like anchor heads)."""
+    from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+    name = type(head).__name__
+    cfg = head.test_cfg or {}
+    if type(head)._predict_by_feat_single is not BaseDenseHead._predict_by_feat_single:
+        raise ValueError(f'{name} decodes with its own _predict_by_feat_single: NMS in the graph is written for '
+                         f'anchor heads decoded by mmdet\'s BaseDenseHead (RetinaNet)')
+    if not hasattr(head, 'prior_generator') or not getattr(head, 'use_sigmoid_cls', False):
+        raise ValueError(f'{name}: NMS in the graph needs an anchor head with sigmoid scores (RetinaNet)')
+    from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder
+    if type(head.bbox_coder) is not DeltaXYWHBBoxCoder or head.bbox_coder.use_box_type:
+        raise ValueError(f'{name}: NMS in the graph decodes DeltaXYWHBBoxCoder tensors only, got '
+                         f'{type(head.bbox_coder).__name__}')
+    if getattr(head.loss_cls, 'custom_cls_channels', False):
+        raise ValueError(f'{name}: custom class channels are not supported in the graph')
+    nms = cfg.get('nms') or {}
+    if nms.get('type', 'nms') != 'nms' or 'iou_threshold' not in nms:
+        raise ValueError(f'{name}: test_cfg.nms must be plain nms with an iou_threshold for ONNX NonMaxSuppression, '
+                         f'got {dict(nms)}')
+
+
+def _decode(coder: Any, anchors: Tensor, deltas: Tensor, max_shape: Tuple[int, int]) -> Tensor:
+    """``DeltaXYWHBBoxCoder.decode`` as mmdet runs it outside ONNX export (its export branch imports a module
+    mmdet 3 no longer has)."""
+    from mmdet.models.task_modules.coders.delta_xywh_bbox_coder import delta2bbox
+    return delta2bbox(anchors, deltas, coder.means, coder.stds, max_shape, 16 / 1000, coder.clip_border,
+                      coder.add_ctr_clamp, coder.ctr_clamp)
+
+
+def decode_and_nms(head: nn.Module, cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor],
+                   img_shape: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+    """mmdet ``predict_by_feat`` of one image (batch 1) without rescaling: (dets N×5, labels N).
+
+    Per level the ``nms_pre`` best (anchor, class) scores are taken with ``TopK`` (mmdet thresholds first and
+    then sorts: the same set), decoded by the head's box coder clipped to ``img_shape``, then boxes below
+    ``score_thr`` or ``min_bbox_size`` are marked and :class:`_MultiClassNMS` keeps ``max_per_img``.
+    """
+    cfg = head.test_cfg
+    num_classes = head.cls_out_channels
+    nms_pre = cfg.get('nms_pre', -1)
+    priors = head.prior_generator.grid_priors([c.shape[-2:] for c in cls_scores], dtype=cls_scores[0].dtype,
+                                              device=cls_scores[0].device)
+    boxes, scores, labels = [], [], []
+    for cls, reg, anchors in zip(cls_scores, bbox_preds, priors):
+        flat = cls[0].permute(1, 2, 0).reshape(-1).sigmoid()
+        deltas = reg[0].permute(1, 2, 0).reshape(-1, head.bbox_coder.encode_size)
+        k = flat.numel() if nms_pre <= 0 else min(nms_pre, flat.numel())
+        top, index = flat.topk(k)
+        anchor = torch.div(index, num_classes, rounding_mode='floor')
+        boxes.append(_decode(head.bbox_coder, anchors[anchor], deltas[anchor], img_shape))
+        scores.append(top)
+        labels.append(index - anchor * num_classes)
+    boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    valid = scores > cfg.get('score_thr', 0)
+    min_size = cfg.get('min_bbox_size', -1)
+    if min_size >= 0:
+        valid = valid & (boxes[:, 2] - boxes[:, 0] > min_size) & (boxes[:, 3] - boxes[:, 1] > min_size)
+    scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
+    return _MultiClassNMS.apply(boxes, scores, labels, num_classes, float(cfg.nms.iou_threshold),
+                                int(cfg.get('max_per_img', 100)), len(scores))
+
+
 class WholeModel(nn.Module):
     """A detector/segmentor as one module with tensor inputs and the heads' raw outputs (see module doc)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, nms: bool = False) -> None:
         super().__init__()
         self.model = model
         self.kind = model_kind(model)
+        self.nms = nms
+        if nms:
+            if self.kind != 'single_stage':
+                raise ValueError(f'NMS in the graph is written for single-stage detectors, not {self.kind} models')
+            check_decodable(model.bbox_head)
 
     @property
     def input_names(self) -> List[str]:
@@ -97,6 +204,8 @@ class WholeModel(nn.Module):
             return ([f'rpn_cls_{i}' for i in range(num_levels)] + [f'rpn_reg_{i}' for i in range(num_levels)]
                     + ['cls_score', 'bbox_pred'])
         if self.kind == 'single_stage':
+            if self.nms:
+                return ['dets', 'labels']
             return [f'cls_{i}' for i in range(num_levels)] + [f'reg_{i}' for i in range(num_levels)]
         return ['seg_logits']
 
@@ -106,6 +215,10 @@ class WholeModel(nn.Module):
             return (self.model.decode_head(feats),)
         if self.kind == 'single_stage':
             cls, reg = self.model.bbox_head(feats)[:2]
+            if self.nms:
+                if x.shape[0] != 1:
+                    raise ValueError(f'NMS in the graph takes one image, got a batch of {x.shape[0]}')
+                return decode_and_nms(self.model.bbox_head, cls, reg, (int(x.shape[2]), int(x.shape[3])))
             return (*cls, *reg)
         cls, reg = self.model.rpn_head(feats)
         roi_head = self.model.roi_head
@@ -175,11 +288,12 @@ class GraphPredictor:
     test_cfg and ``add_pred_to_datasample`` / ``postprocess_result`` are used; the numbers come from ``run``.
     """
 
-    def __init__(self, model: nn.Module, run: GraphRunner, num_levels: int) -> None:
+    def __init__(self, model: nn.Module, run: GraphRunner, num_levels: int, nms: bool = False) -> None:
         self.model = model
         self.run = run
         self.kind = model_kind(model)
         self.num_levels = num_levels
+        self.nms = nms
 
     def __call__(self, batch: dict) -> List[Any]:
         data = self.model.data_preprocessor(batch, False)
@@ -192,6 +306,8 @@ class GraphPredictor:
                     raise ValueError('only test_cfg.mode="whole" segmentors run from the graph')
                 logits = self.run(x)[0]
                 return self.model.postprocess_result(self.model.decode_head.predict_by_feat(logits, metas), samples)
+            if self.kind == 'single_stage' and self.nms:
+                return self.model.add_pred_to_datasample(samples, [_rescaled(*self.run(x), metas[0])])
             if self.kind == 'single_stage':
                 out = self.run(x)
                 results = self.model.bbox_head.predict_by_feat(out[:n], out[n:2 * n], batch_img_metas=metas,
@@ -205,6 +321,14 @@ class GraphPredictor:
             with _bbox_forward_from(roi_head, lambda rois: tuple(self.run(x, rois)[2 * n:2 * n + 2])):
                 results = roi_head.predict_bbox(None, metas, proposals, roi_head.test_cfg, rescale=True)
             return self.model.add_pred_to_datasample(samples, results)
+
+
+def _rescaled(dets: Tensor, labels: Tensor, meta: dict) -> Any:
+    """A graph's (dets, labels) of one image as mmdet's InstanceData, boxes rescaled to the original image."""
+    from mmdet.structures.bbox import scale_boxes
+    from mmengine.structures import InstanceData
+    bboxes = scale_boxes(dets[:, :4], [1 / s for s in meta['scale_factor']])
+    return InstanceData(bboxes=bboxes, scores=dets[:, 4], labels=labels.long())
 
 
 def compare_detections(reference: Sequence[Any], other: Sequence[Any], box_tol: float = 1e-2,
@@ -243,10 +367,18 @@ def compare_detections(reference: Sequence[Any], other: Sequence[Any], box_tol: 
 
 
 def compare_segmentation(reference: Sequence[Any], other: Sequence[Any]) -> Dict[str, float]:
-    """Fraction of pixels whose predicted class differs between two lists of mmseg data samples."""
-    differ = total = 0
+    """Pixels whose predicted class differs between two lists of mmseg data samples, images with none, and the
+    largest absolute difference of their ``seg_logits`` (each image's, sorted: a few images with a value on a
+    rounding boundary differ more than the rest)."""
+    differ = total = identical = 0
+    logit_diffs = []
     for ref, oth in zip(reference, other):
         a, b = ref.pred_sem_seg.data, oth.pred_sem_seg.data
-        differ += int((a != b).sum())
+        n = int((a != b).sum())
+        differ += n
+        identical += n == 0
         total += a.numel()
-    return {'pixels': total, 'differing': differ, 'fraction': differ / max(total, 1)}
+        if 'seg_logits' in ref and 'seg_logits' in oth:
+            logit_diffs.append(float((ref.seg_logits.data - oth.seg_logits.data).abs().max()))
+    return {'images': len(reference), 'images_identical': identical, 'pixels': total, 'differing': differ,
+            'fraction': differ / max(total, 1), 'image_max_logit_diffs': sorted(logit_diffs)}

@@ -148,6 +148,9 @@ def test_real_image_check(quantized, coco128, tmp_path, capsys):
     (['--opset', 11], '--opset must be >= 13'),
     (['--check-image', 'nope.jpg'], '--check-image file not found: nope.jpg'),
     (['--out', '/nonexistent-dir/x.onnx'], '--out: folder /nonexistent-dir does not exist'),
+    (['--nms'], '--nms needs --whole'),
+    (['--whole', '--nms', '--dynamic'], '--nms needs a static input shape'),
+    (['--whole', '--nms', '--input-shape', 2, 3, 64, 64], '--nms takes one image: --input-shape N must be 1, got 2'),
 ])
 def test_bad_arguments_stop_with_one_line(quantized, args, message):
     path, _ = quantized

@@ -159,3 +159,83 @@ def test_single_stage_and_segmentor_export_whole(config, kind, outputs, tmp_path
     graph = onnx.load(result['out']).graph
     assert [i.name for i in graph.input] == ['input'] and [o.name for o in graph.output] == outputs
     _assert_parity(result['parity_bias_int32'], result['agreement'])
+
+
+def _retinanet_with_spread_scores(model) -> None:
+    """Random RetinaNet class logits sit at the prior (scores ~0.01, under score_thr): spread them, no ties."""
+    with torch.no_grad():
+        model.bbox_head.retina_cls.weight.mul_(3)
+        model.bbox_head.retina_cls.bias.zero_()
+
+
+def test_decode_and_nms_in_graph_equal_mmdet(tmp_path, one_thread):
+    import onnx
+    from qdrop_mm.export import GraphRunner, WholeModel, export_onnx, random_input
+    from ..openmmlab.conftest import build_model_from_config
+    _, model = build_model_from_config('configs/demo/retinanet_r18_fpn_shapes.py')
+    _retinanet_with_spread_scores(model)
+    x = random_input((1, 3, 256, 256), seed=0)
+    whole = WholeModel(model, nms=True).eval()
+    meta = dict(img_shape=(256, 256), scale_factor=(1.0, 1.0))
+    with torch.no_grad():
+        dets, labels = whole(x)
+        ref = model.bbox_head.predict_by_feat(*model.bbox_head(model.extract_feat(x)), batch_img_metas=[meta])[0]
+    # TopK over (anchor, class) pairs then masking selects what mmdet's threshold-then-sort selects
+    assert len(dets) == len(ref) == model.bbox_head.test_cfg.max_per_img
+    assert torch.equal(dets[:, :4], ref.bboxes) and torch.equal(dets[:, 4], ref.scores)
+    assert torch.equal(labels, ref.labels)
+    export_onnx(whole, x, str(tmp_path / 'nms.onnx'), output_names=whole.output_names(5),
+                dynamic_axes={'dets': {0: 'num_dets'}, 'labels': {0: 'num_dets'}})
+    ops = {n.op_type for n in onnx.load(str(tmp_path / 'nms.onnx')).graph.node}
+    assert {'TopK', 'NonMaxSuppression'} <= ops
+    out_dets, out_labels = GraphRunner(str(tmp_path / 'nms.onnx'))(x)
+    # onnxruntime's default session: the same detections in the same order (measured: boxes within 1e-4 px)
+    assert torch.equal(out_labels, labels)
+    assert (out_dets[:, :4] - dets[:, :4]).abs().max() <= 1e-3 and (out_dets[:, 4] - dets[:, 4]).abs().max() <= 1e-5
+
+
+def test_nms_refuses_what_it_cannot_write():
+    from qdrop_mm.export import WholeModel
+    from ..openmmlab.conftest import build_model_from_config
+    _, model = build_model_from_config('configs/demo/retinanet_r18_fpn_shapes.py',
+                                       {'model.test_cfg.nms': dict(type='soft_nms', iou_threshold=0.5)})
+    with pytest.raises(ValueError, match='test_cfg.nms must be plain nms'):
+        WholeModel(model, nms=True)
+    _, model = build_model_from_config('configs/demo/faster_rcnn_r18_fpn_shapes.py')
+    with pytest.raises(ValueError, match='single-stage detectors, not two_stage'):
+        WholeModel(model, nms=True)
+
+
+def test_retinanet_w4a4_with_nms_through_the_tool(shapes_root, tmp_path, one_thread):
+    import onnx
+    from qdrop_mm.cli.export_onnx import main
+    from .conftest import SHAPES_VAL, demo_config
+    base = demo_config('retinanet_r18_fpn_shapes', shapes_root, tmp_path)
+    cfg_path, path = _random_quantized(base, tmp_path)
+    saved = torch.load(path, weights_only=True)
+    state = saved['state_dict']
+    state['bbox_head.retina_cls.weight'] *= 3
+    state['bbox_head.retina_cls.bias'].zero_()
+    torch.save(saved, path)
+    image = f'{shapes_root}/val2017/000000000001.jpg'
+    result = main([cfg_path, '--quantized', str(path), '--whole', '--nms', '--check-image', image, '--evaluate'])
+    graph = onnx.load(result['out']).graph
+    assert [o.name for o in graph.output] == ['dets', 'labels']
+    assert 'NonMaxSuppression' in {n.op_type for n in graph.node}
+    _assert_parity(result['parity_bias_int32'], result['agreement'])
+    agreement = result['evaluation']['agreement']
+    assert agreement['images'] == SHAPES_VAL and agreement['reference'] == 100 * SHAPES_VAL
+    assert agreement['images_identical'] >= 0.75 * SHAPES_VAL and agreement['matched'] >= 0.9 * agreement['reference']
+
+
+def test_nms_graph_with_no_detection_gives_empty_outputs(tmp_path, one_thread):
+    from qdrop_mm.export import GraphRunner, WholeModel, export_onnx, random_input
+    from ..openmmlab.conftest import build_model_from_config
+    _, model = build_model_from_config('configs/demo/retinanet_r18_fpn_shapes.py')  # scores ~0.01 < score_thr
+    x = random_input((1, 3, 128, 128), seed=0)
+    whole = WholeModel(model, nms=True).eval()
+    with torch.no_grad():
+        assert [tuple(t.shape) for t in whole(x)] == [(0, 5), (0,)]
+    export_onnx(whole, x, str(tmp_path / 'empty.onnx'), output_names=whole.output_names(5),
+                dynamic_axes={'dets': {0: 'num_dets'}, 'labels': {0: 'num_dets'}})
+    assert [tuple(t.shape) for t in GraphRunner(str(tmp_path / 'empty.onnx'))(x)] == [(0, 5), (0,)]
