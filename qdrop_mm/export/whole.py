@@ -214,7 +214,12 @@ class WholeModel(nn.Module):
         if self.kind == 'segmentor':
             return (self.model.decode_head(feats),)
         if self.kind == 'single_stage':
-            cls, reg = self.model.bbox_head(feats)[:2]
+            outs = self.model.bbox_head(feats)
+            if len(outs) != 2:
+                raise ValueError(f'{type(self.model.bbox_head).__name__} returns {len(outs)} outputs (score factors '
+                                 'such as FCOS/ATSS centerness); whole-model export writes class scores and box '
+                                 'deltas only')
+            cls, reg = outs
             if self.nms:
                 if x.shape[0] != 1:
                     raise ValueError(f'NMS in the graph takes one image, got a batch of {x.shape[0]}')

@@ -206,6 +206,16 @@ def test_nms_refuses_what_it_cannot_write():
         WholeModel(model, nms=True)
 
 
+def test_heads_with_score_factors_are_refused_not_truncated():
+    from qdrop_mm.export import WholeModel, random_input
+    from ..openmmlab.conftest import build_model_from_config
+    _, model = build_model_from_config('configs/demo/retinanet_r18_fpn_shapes.py')
+    head_forward = model.bbox_head.forward
+    model.bbox_head.forward = lambda feats: (*head_forward(feats), [f[:, :1] for f in feats])  # e.g. centerness
+    with pytest.raises(ValueError, match='RetinaHead returns 3 outputs'):
+        WholeModel(model.eval())(random_input((1, 3, 64, 64), seed=0))
+
+
 def test_retinanet_w4a4_with_nms_through_the_tool(shapes_root, tmp_path, one_thread):
     import onnx
     from qdrop_mm.cli.export_onnx import main
