@@ -25,10 +25,11 @@ and handed back to the tail so its rows line up with the FP rows.
 """
 from __future__ import annotations
 
+import copy
 import time
 import weakref
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -313,12 +314,24 @@ class PredictionTerm:
 
 
 class PredictionHooks(MethodHooks):
-    """PD-Quant as hooks: the FP predictions once after calibration, distribution correction of each unit's
-    cached FP inputs, and the prediction-difference term in each unit's reconstruction."""
+    """PD-Quant as hooks: an FP copy of the model before conversion (its BatchNorms for distribution
+    correction), the FP predictions once after calibration, distribution correction of each unit's cached
+    FP inputs, and the prediction-difference term in each unit's reconstruction."""
 
     def __init__(self, cfg: PredictionConfig, source: Optional[PredictionSource]) -> None:
         self.cfg, self.source = cfg, source
         self.term: Optional[PredictionTerm] = None
+        self.fp_model: Optional[nn.Module] = None
+
+    def prepare(self, model: nn.Module) -> None:
+        if self.cfg.dc_iters > 0:
+            self.fp_model = copy.deepcopy(model)
+
+    def _fp_unit(self, name: str) -> Optional[nn.Module]:
+        try:
+            return self.fp_model.get_submodule(name)
+        except AttributeError:
+            return None
 
     def start(self, model: nn.Module, units: Sequence[Any], batches: Sequence[Any], forward_fn: Any,
               cache_policy: Optional[CachePolicy]) -> None:
@@ -329,7 +342,8 @@ class PredictionHooks(MethodHooks):
         if shared:
             raise ValueError(f'the prediction term needs one cache entry per batch; {shared} run several times per '
                              f'forward (shared head convs)')
-        self.term = PredictionTerm(model, [(u.name, u.module) for u in units], batches, self.source, self.cfg,
+        source = self.source if self.fp_model is None else replace(self.source, fp_unit=self._fp_unit)
+        self.term = PredictionTerm(model, [(u.name, u.module) for u in units], batches, source, self.cfg,
                                    cache_policy)
 
     def input_correction(self, unit: Any) -> Optional[InputCorrection]:

@@ -26,7 +26,6 @@ Reliability:
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import asdict, replace
@@ -49,7 +48,7 @@ from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
 from .calibration import (build_calibration_batches, calibration_forward, check_dataset_paths, feature_forward,
                           images_for_this_rank, num_images, split_batches)
 from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
-from .prediction_tail import UnsupportedHeadError, build_prediction_source, select_predict_fn
+from .prediction_tail import PREDICTION_SOURCE, UnsupportedHeadError, select_predict_fn
 from .registry import LOOPS
 from .report import build_report, format_summary, unit_bits, write_report
 from .report_plots import RECON_CURVES_FILE, UNIT_ERRORS_FILE, write_report_plots
@@ -317,7 +316,9 @@ class PTQLoop(TestLoop):
                     + (f'; {num_images(held_out)} held-out train images for the feature-error check' if held_out else ''))
         t1 = time.perf_counter()
         model.eval()
-        fp_model = copy.deepcopy(model) if method.prediction is not None else None  # PD-Quant's DC needs the BNs
+        hooks = method.build_hooks(PREDICTION_SOURCE)
+        for hook in hooks:
+            hook.prepare(model)
         forward = calibration_forward(scope_paths(model, settings.scope))
         try:
             self.plan = plan_model(model, settings, lambda: forward(model, batches[0]))
@@ -359,8 +360,7 @@ class PTQLoop(TestLoop):
         callbacks = ResumableCallbacks(logger, self.plan.units, method, settings, store, manifest, model, restored)
         try:
             result = run_ptq(model, self.plan.units, batches, forward, method, callbacks,
-                             settings.cache_policy(self.runner.work_dir),
-                             build_prediction_source(model, fp_model) if fp_model is not None else None)
+                             settings.cache_policy(self.runner.work_dir), hooks=hooks)
         except NonFiniteLossError as err:
             raise self._non_finite(err, callbacks, method) from None
         feature_error = self._feature_error(batches, held_out) if held_out else None
