@@ -1,7 +1,11 @@
+import os.path as osp
+
 import pytest
 
 from qdrop_mm.core.unit_cache import GiB
 from qdrop_mm.openmmlab import PTQSettings
+
+from .conftest import REPO
 
 
 def test_cache_options_map_to_policy(tmp_path):
@@ -74,3 +78,13 @@ def test_calibration_and_reconstruction_batch_sizes_are_separate():
     assert (s.calibration_batch_size, s.build_method().stages[0].batch_size) == (16, 4)
     with pytest.raises(ValueError, match='ptq.calib_batch_size must be a positive integer, got 0'):
         PTQSettings.from_cfg(dict(calib_batch_size=0))
+
+
+def test_base_config_shows_exactly_the_defaults():
+    """configs/_base_/ptq_qdrop.py shows ptq keys for the reader; each value must be the default."""
+    from mmengine.config import Config
+    from qdrop_mm.openmmlab.settings import CACHE_DEFAULTS
+    ptq = Config.fromfile(osp.join(REPO, 'configs/_base_/ptq_qdrop.py')).ptq
+    assert set(ptq) <= set(PTQSettings.__dataclass_fields__)
+    assert dict(ptq.cache) == CACHE_DEFAULTS
+    assert PTQSettings.from_cfg(dict(ptq, cache={})) == PTQSettings()
