@@ -185,12 +185,11 @@ class CompensationConfig:
         return CompensationHooks(self)
 
     def __post_init__(self) -> None:
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not 0 <= self.ridge < float('inf'):
+        _check_types(self)
+        if self.ridge < 0:
             raise OptionError('ridge', f'ridge must be a finite number >= 0, got {self.ridge!r}')
         if self.placement not in COMPENSATION_PLACEMENTS:
             raise OptionError('placement', f'placement must be one of {COMPENSATION_PLACEMENTS}, got {self.placement!r}')
-        if not isinstance(self.validate, bool):
-            raise OptionError('validate', f'validate must be True or False, got {self.validate!r}')
 
 
 @dataclass(frozen=True)
@@ -275,12 +274,8 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """What a user may set for any method; each method reads what it needs, and every option is checked
-    whatever the method. ``stage``: StageConfig fields, ``prediction``: PredictionConfig fields.
-
-    The defaults of ``iters`` and ``drop_prob`` are StageConfig's; ``act_iters`` and ``act_lr_stage2`` are
-    BRECQ's activation stage (iterations, activation step lr).
-    """
+    """What a user may set for any method (``stage``: StageConfig fields, ``prediction``: PredictionConfig
+    fields); each method reads what it needs, every option is checked. ``act_*``: BRECQ's activation stage."""
 
     iters: int = StageConfig.iters
     drop_prob: float = StageConfig.drop_prob

@@ -321,17 +321,11 @@ class PredictionHooks(MethodHooks):
     def __init__(self, cfg: PredictionConfig, source: Optional[PredictionSource]) -> None:
         self.cfg, self.source = cfg, source
         self.term: Optional[PredictionTerm] = None
-        self.fp_model: Optional[nn.Module] = None
 
     def prepare(self, model: nn.Module) -> None:
-        if self.cfg.dc_iters > 0:
-            self.fp_model = copy.deepcopy(model)
-
-    def _fp_unit(self, name: str) -> Optional[nn.Module]:
-        try:
-            return self.fp_model.get_submodule(name)
-        except AttributeError:
-            return None
+        if self.cfg.dc_iters > 0 and self.source is not None:
+            fp_modules = dict(copy.deepcopy(model).named_modules(remove_duplicate=False))
+            self.source = replace(self.source, fp_unit=fp_modules.get)
 
     def start(self, model: nn.Module, units: Sequence[Any], batches: Sequence[Any], forward_fn: Any,
               cache_policy: Optional[CachePolicy]) -> None:
@@ -342,8 +336,7 @@ class PredictionHooks(MethodHooks):
         if shared:
             raise ValueError(f'the prediction term needs one cache entry per batch; {shared} run several times per '
                              f'forward (shared head convs)')
-        source = self.source if self.fp_model is None else replace(self.source, fp_unit=self._fp_unit)
-        self.term = PredictionTerm(model, [(u.name, u.module) for u in units], batches, source, self.cfg,
+        self.term = PredictionTerm(model, [(u.name, u.module) for u in units], batches, self.source, self.cfg,
                                    cache_policy)
 
     def input_correction(self, unit: Any) -> Optional[InputCorrection]:

@@ -153,9 +153,9 @@ def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], for
 
     The method's hooks (``MethodConfig.build_hooks``: QwT's compensation, PD-Quant's prediction
     term) run at their points; ``prediction`` says how to get the network's predictions from a
-    batch, for methods with a prediction term. ``hooks``: the method's hooks when the caller built
-    them before converting the model (to ``prepare`` them on the FP model); they replace
-    ``method.build_hooks(prediction)``. Batch i of ``batches`` is cache entry i of every unit.
+    batch, for methods with a prediction term. ``hooks``: the method's hooks, built (and ``prepare``d on
+    the FP model) by the caller before converting it; default ``method.build_hooks(prediction)``.
+    Batch i of ``batches`` is cache entry i of every unit.
     The caller's ``units`` are not changed: ``result.units`` are the units as the method ran them.
     """
     cb = callbacks or PTQCallbacks()

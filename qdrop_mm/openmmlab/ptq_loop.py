@@ -144,20 +144,28 @@ class NonFiniteUnitError(PTQError, FloatingPointError):
     """A unit's reconstruction loss became NaN/inf; the finished units are kept for --resume."""
 
 
-class LoggingCallbacks(PTQCallbacks):
-    """mmengine-style log lines per phase and unit, with a progress bar per unit."""
+class LoopCallbacks(PTQCallbacks):
+    """mmengine-style log lines per phase and unit (a progress bar per unit), and the resume session:
+    restored units are skipped, the state is saved after calibration and after each unit."""
 
-    def __init__(self, logger, num_units: int, num_stages: int, units: Optional[Sequence[Unit]] = None) -> None:
-        self.logger = logger
-        self.num_units = num_units
-        self.num_stages = num_stages
-        self._position = {u.name: i for i, u in enumerate(units or [])}
+    def __init__(self, logger, units: Sequence[Unit], num_stages: int, session: ResumeSession) -> None:
+        self.logger, self.num_stages, self.session = logger, num_stages, session
+        self.num_units = len(units)
+        self._position = {u.name: i for i, u in enumerate(units)}
         self._bar: Optional[ProgressBar] = None
-        self._done = 0
-        self._index = 0
+        self._done = self._index = 0
+        self.current: Optional[Tuple[int, Unit]] = None
 
     def before_calibration(self, num_quantizers: int) -> None:
-        self.logger.info(f'calibrating {num_quantizers} activation quantizers (L2.4 range search on FP activations)')
+        self.logger.info(f'{num_quantizers} activation quantizers restored from the resume state (calibrated)'
+                         if self.session.calibrated else
+                         f'calibrating {num_quantizers} activation quantizers (L2.4 range search on FP activations)')
+
+    def after_calibration(self) -> None:
+        self.session.save_calibration()
+
+    def restored(self, stage_idx: int, unit: Unit) -> Optional[UnitRecord]:
+        return self.session.restored(stage_idx, unit.name)
 
     def before_unit(self, stage_idx: int, unit: Unit) -> None:
         self._index = self._position[unit.name] + 1 if unit.name in self._position else \
@@ -166,6 +174,7 @@ class LoggingCallbacks(PTQCallbacks):
         self.logger.info(f'[stage {stage_idx + 1}/{self.num_stages}] unit {self._index}/{self.num_units} '
                          f'{unit.name} ({unit.kind}, w{bits["w_bits"]} a{bits["a_bits"]})')
         self._bar, self._done = None, 0
+        self.current = (stage_idx, unit)
 
     def progress(self, it: int, total: int, loss: float) -> None:
         if self._bar is None:
@@ -180,6 +189,10 @@ class LoggingCallbacks(PTQCallbacks):
         if 'pd_loss_before' in r.extra:
             self.logger.info(f'{record.name}: prediction difference {r.extra["pd_loss_before"]:.5g} -> '
                              f'{r.extra["pd_loss_after"]:.5g}')
+        self.session.save_unit(record, self.current[1].module)
+        self.current = None
+        if all(self.session.restored(record.stage, u) for u in self._position):
+            self.logger.info(f'stage {record.stage + 1}/{self.num_stages} done; resume state in {self.session.dir}')
 
     def after_compensation(self, record: UnitRecord) -> None:
         r = record.result
@@ -187,43 +200,9 @@ class LoggingCallbacks(PTQCallbacks):
         self.logger.info(f'[QwT] {record.name}: residual MSE {r.loss_before:.5g} -> {r.loss_after:.5g} '
                          f'(closed form, {r.seconds:.2f} s{kept})')
 
-
     def compensation_not_possible(self, unit: Unit) -> None:
         self.logger.warning(f'[QwT] {unit.name}: left uncompensated: its input or output is not an NCHW feature map '
                             f'a strided 1x1 conv can map (e.g. transformer tokens)')
-
-
-class ResumableCallbacks(LoggingCallbacks):
-    """Logging plus the resume session: restored units are skipped, the state is saved after calibration and
-    after each unit."""
-
-    def __init__(self, logger, units: Sequence[Unit], num_stages: int, session: ResumeSession) -> None:
-        super().__init__(logger, len(units), num_stages, units)
-        self.session = session
-        self.current: Optional[Tuple[int, Unit]] = None
-
-    def before_calibration(self, num_quantizers: int) -> None:
-        if self.session.calibrated:
-            self.logger.info(f'{num_quantizers} activation quantizers restored from the resume state (calibrated)')
-        else:
-            super().before_calibration(num_quantizers)
-
-    def after_calibration(self) -> None:
-        self.session.save_calibration()
-
-    def restored(self, stage_idx: int, unit: Unit) -> Optional[UnitRecord]:
-        return self.session.restored(stage_idx, unit.name)
-
-    def before_unit(self, stage_idx: int, unit: Unit) -> None:
-        super().before_unit(stage_idx, unit)
-        self.current = (stage_idx, unit)
-
-    def after_unit(self, record: UnitRecord) -> None:
-        super().after_unit(record)
-        self.session.save_unit(record, self.current[1].module)
-        self.current = None
-        if all(self.session.restored(record.stage, u) for u in self._position):
-            self.logger.info(f'stage {record.stage + 1}/{self.num_stages} done; resume state in {self.session.dir}')
 
 
 class _CheckpointFitHook(Hook):
@@ -248,7 +227,6 @@ class PTQLoop(TestLoop):
         super().__init__(runner, dataloader, evaluator, fp16)
         self.settings = PTQSettings.from_cfg(ptq if ptq is not None else runner.cfg.get('ptq', {}))
         self.load_quantized = load_quantized
-        self.resume = resume
         if resume and load_quantized:
             raise PTQConfigError('resume and load_quantized exclude each other: --resume continues a '
                                  'reconstruction, --load-quantized skips it')
@@ -328,7 +306,7 @@ class PTQLoop(TestLoop):
             if is_main_process() and os.path.exists(path):
                 os.unlink(path)
                 logger.info(f'removed {path} of an earlier run')
-        callbacks = ResumableCallbacks(logger, self.plan.units, len(method.stages), session)
+        callbacks = LoopCallbacks(logger, self.plan.units, len(method.stages), session)
         try:
             result = run_ptq(model, self.plan.units, batches, forward, method, callbacks,
                              settings.cache_policy(self.runner.work_dir), hooks=hooks)
@@ -361,7 +339,7 @@ class PTQLoop(TestLoop):
                                 f"({errors['held_out_images']} train images not used for calibration)")
         return errors
 
-    def _non_finite(self, err: NonFiniteLossError, callbacks: ResumableCallbacks,
+    def _non_finite(self, err: NonFiniteLossError, callbacks: LoopCallbacks,
                     method: MethodConfig) -> NonFiniteUnitError:
         stage_idx, unit = callbacks.current if callbacks.current else (0, None)
         name = unit.name if unit is not None else '?'

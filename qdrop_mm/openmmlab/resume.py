@@ -157,17 +157,15 @@ def load_scope_state(model: nn.Module, states: Sequence[Dict[str, torch.Tensor]]
 def record_to_dict(rec: UnitRecord) -> Dict[str, Any]:
     r = rec.result
     return {'name': rec.name, 'kind': rec.kind, 'stage': rec.stage, 'cache_bytes': int(rec.cache_bytes),
-            'cache_usage': {k: int(v) for k, v in getattr(rec, 'cache_usage', {}).items()},
+            'cache_usage': {k: int(v) for k, v in rec.cache_usage.items()},
             **asdict(r)}
 
 
 def record_from_dict(d: Dict[str, Any]) -> UnitRecord:
     fields = set(ReconResult.__dataclass_fields__)
     result = ReconResult(**{k: v for k, v in d.items() if k in fields})
-    record = UnitRecord(d['name'], d['kind'], int(d['stage']), result, int(d['cache_bytes']))
-    if hasattr(record, 'cache_usage'):
-        record.cache_usage = dict(d.get('cache_usage', {}))
-    return record
+    return UnitRecord(d['name'], d['kind'], int(d['stage']), result, int(d['cache_bytes']),
+                      dict(d.get('cache_usage', {})))
 
 
 # ----------------------------------------------------------------------------- files
@@ -183,26 +181,21 @@ def _file_digest(path: str) -> Tuple[int, str]:
 
 
 class ResumeSession:
-    """The resume folder of one run, the loop's only contact with it.
-
-    ``open`` (first: a fresh run removes an earlier state, ``--resume`` reads it), ``start`` (once the
-    units are planned: restore the saved run and its RNG states, or seed the RNGs), ``save_calibration``
-    and ``save_unit`` (each writes a state file, then the manifest), ``update`` (status, last error) and
-    ``clear``.
-    Under torch.distributed every rank calls every method (the RNG states are gathered); rank 0 writes.
-    """
+    """The resume folder of one run, the loop's only contact with it: ``open`` (a fresh run removes an earlier
+    state, ``--resume`` reads it), ``start`` (once the units are planned: restore the saved run and its RNG
+    states, or seed the RNGs), ``save_calibration`` and ``save_unit`` (a state file, then the manifest),
+    ``update`` (status, last error), ``clear``. Under torch.distributed every rank calls every method (the RNG
+    states are gathered); rank 0 writes."""
 
     def __init__(self, work_dir: str, logger: Any = None, resume: bool = False) -> None:
         self.dir = os.path.join(work_dir, RESUME_DIR)
         self.manifest_path = os.path.join(self.dir, MANIFEST)
         self.writer = is_main_process()
         self.logger, self.resume = logger, resume
-        self.manifest: Dict[str, Any] = {}
-        self.saved: Optional[Dict[str, Any]] = None
+        self.manifest: Dict[str, Any] = {}  # as last written (or read by --resume)
         self.finished: Dict[Tuple[int, str], UnitRecord] = {}
         self.resumed_units = 0
-        self.model: Optional[nn.Module] = None
-        self.scope: Tuple[str, ...] = ()
+        self.model, self.scope = None, ()  # set by start
 
     @property
     def calibrated(self) -> bool:
@@ -215,25 +208,23 @@ class ResumeSession:
                 self.logger.warning(f'removed the resume state of an earlier run in {self.dir} '
                                     f'(pass --resume to continue an interrupted run instead)')
             return
-        self.saved = self.read_manifest()
-        if self.saved is None:
+        self.manifest = self.read_manifest() or {}
+        if not self.manifest:
             self.logger.warning(f'--resume: no resume state in {self.dir}; starting from the beginning')
 
     def start(self, model: nn.Module, settings: PTQSettings, units: Sequence[Unit], batches: Sequence[dict],
               checkpoint: Optional[str], num_stages: int) -> None:
-        """Restore the saved run into the planned ``model`` when there is one, else seed the RNGs."""
+        """Restore the saved run (checked to be this one) into the planned ``model``, else seed the RNGs."""
         self.model, self.scope = model, scope_paths(model, settings.scope)
         fingerprint = {'settings': settings.to_dict(), 'units': [u.name for u in units],
                        'checkpoint': checkpoint_identity(checkpoint), 'world_size': get_world_size(),
                        'calibration': all_gather_object(batches_digest(batches))}
-        if self.saved:
-            self._restore(self.saved, fingerprint)
-        else:
+        manifest = self.manifest
+        if not manifest:
             seed_everything(settings.seed)
             self.manifest = {'status': 'running', 'fingerprint': fingerprint, 'num_stages': num_stages,
                              'calibrated': False, 'finished': [], 'records': []}
-
-    def _restore(self, manifest: Dict[str, Any], fingerprint: Dict[str, Any]) -> None:
+            return
         blocking, allowed = compare_fingerprints(manifest.get('fingerprint', {}), fingerprint)
         if blocking:
             raise ResumeStateError(f'the resume state in {self.dir} belongs to a different run: '

@@ -26,18 +26,17 @@ class PTQConfigError(PTQError, ValueError):
     """A config key, path or checkpoint that does not fit; the message names the key and what is allowed."""
 
 
+def _int(key: str, value: Any, low: int, high: Optional[int] = None, note: str = '') -> int:
+    """``value`` when it is an integer from ``low`` to ``high``; else an error naming ``ptq.<key>``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f'an integer from {low} to {high}' if high is not None else \
+            'a positive integer' if low == 1 else f'an integer >= {low}'
+        raise PTQConfigError(f'ptq.{key} must be {allowed}{note}, got {value!r}')
+    return value
+
+
 def _bits(key: str, value: Any, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-        raise PTQConfigError(f'ptq.{key} must be an integer from {MIN_BITS} to {MAX_BITS}, got {value!r}')
-    return value
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise PTQConfigError(f'ptq.{key} must be a positive integer, got {value!r}')
-    return value
+    return None if value is None and allow_none else _int(key, value, MIN_BITS, MAX_BITS)
 
 
 @dataclass(frozen=True)
@@ -85,25 +84,17 @@ class PTQSettings:
         if method not in METHODS:
             raise PTQConfigError(f'ptq.method must be one of {sorted(METHODS)}, got {method!r}')
         kw: Dict[str, Any] = dict(cfg)
-        kw['w_bits'] = _bits('w_bits', cfg.get('w_bits', cls.w_bits))
-        kw['a_bits'] = _bits('a_bits', cfg.get('a_bits', cls.a_bits))
-        kw['first_layer_bits'] = _bits('first_layer_bits', cfg.get('first_layer_bits', cls.first_layer_bits),
-                                       allow_none=True)
-        kw['num_images'] = _positive_int('num_images', cfg.get('num_images', cls.num_images))
+        for key in ('w_bits', 'a_bits', 'first_layer_bits'):
+            _bits(key, cfg.get(key, getattr(cls, key)), allow_none=key == 'first_layer_bits')
+        _int('num_images', cfg.get('num_images', cls.num_images), 1)
         if cfg.get('calib_batch_size') is not None:
-            kw['calib_batch_size'] = _positive_int('calib_batch_size', cfg['calib_batch_size'])
-        seed = cfg.get('seed', cls.seed)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
-            raise PTQConfigError(f'ptq.seed must be an integer from 0 to {2 ** 32 - 1}, got {seed!r}')
+            _int('calib_batch_size', cfg['calib_batch_size'], 1)
+        _int('seed', cfg.get('seed', cls.seed), 0, 2 ** 32 - 1)
+        _int('holdout_images', cfg.get('holdout_images', cls.holdout_images), 0, note=' (0 = no held-out check)')
+        _int('calib_num_workers', cfg.get('calib_num_workers', cls.calib_num_workers), 0)
         if not isinstance(cfg.get('quantize_fpn_outputs', cls.quantize_fpn_outputs), bool):
             raise PTQConfigError(f'ptq.quantize_fpn_outputs must be True or False, '
                                  f'got {cfg.get("quantize_fpn_outputs")!r}')
-        holdout = cfg.get('holdout_images', cls.holdout_images)
-        if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
-            raise PTQConfigError(f'ptq.holdout_images must be an integer >= 0 (0 = no held-out check), got {holdout!r}')
-        workers = cfg.get('calib_num_workers', cls.calib_num_workers)
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise PTQConfigError(f'ptq.calib_num_workers must be an integer >= 0, got {workers!r}')
         scope = cfg.get('scope', cls.scope)
         if isinstance(scope, str):
             scope = (scope,)
@@ -167,7 +158,8 @@ class PTQSettings:
         return d
 
 
-CACHE_DEFAULTS = {'dtype': 'float32', 'device_budget_gb': 'auto', 'host_budget_gb': 16, 'spill': True}
+CACHE_DEFAULTS = {'dtype': CachePolicy.dtype, 'device_budget_gb': 'auto',
+                  'host_budget_gb': CachePolicy.host_budget // GiB, 'spill': True}
 
 
 def _cache_options(value: Any) -> Dict[str, Any]:

@@ -1,5 +1,3 @@
-import os.path as osp
-
 import pytest
 
 from qdrop_mm.core.unit_cache import GiB
@@ -84,7 +82,6 @@ def test_base_config_shows_exactly_the_defaults():
     """configs/_base_/ptq_qdrop.py shows ptq keys for the reader; each value must be the default."""
     from mmengine.config import Config
     from qdrop_mm.openmmlab.settings import CACHE_DEFAULTS
-    ptq = Config.fromfile(osp.join(REPO, 'configs/_base_/ptq_qdrop.py')).ptq
-    assert set(ptq) <= set(PTQSettings.__dataclass_fields__)
-    assert dict(ptq.cache) == CACHE_DEFAULTS
+    ptq = Config.fromfile(f'{REPO}/configs/_base_/ptq_qdrop.py').ptq
+    assert set(ptq) <= set(PTQSettings.__dataclass_fields__) and dict(ptq.cache) == CACHE_DEFAULTS
     assert PTQSettings.from_cfg(dict(ptq, cache={})) == PTQSettings()
