@@ -2,6 +2,8 @@
 # it, with the learning rates scaled to the iteration budget (method_options.schedule
 # 'budget'; identical to the authors' at 20 000 iterations; 'paper' keeps their rates).
 # See README "Configuration". Override any key in a config or with --cfg-options ptq.w_bits=2 ...
+# Every value below is the default (PTQSettings, the core's method configs): shown for the reader, kept
+# equal to the code by tests/openmmlab/test_settings.py::test_base_config_shows_exactly_the_defaults.
 ptq = dict(
     method='qdrop',          # rtn | adaround | brecq | qdrop | qwt | qdrop_qwt | pdquant
     w_bits=4,

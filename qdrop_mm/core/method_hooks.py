@@ -22,9 +22,13 @@ if TYPE_CHECKING:  # pragma: no cover
 class MethodHooks:
     """No-op hooks; a method overrides those it needs.
 
-    Order: ``structure`` (before calibration), ``start`` (after it), per unit and stage
-    ``input_correction`` then ``reconstruct``, after all stages ``finalize``, and ``close`` always.
+    Order: ``prepare`` (before the caller converts the model), ``structure`` (before calibration),
+    ``start`` (after it), per unit and stage ``input_correction`` then ``reconstruct``, after all stages
+    ``finalize``, and ``close`` always.
     """
+
+    def prepare(self, model: nn.Module) -> None:
+        """Once, on the FP model before its layers are replaced by quantized ones (e.g. keep an FP copy)."""
 
     def structure(self, model: nn.Module, units: List['Unit']) -> List['Unit']:
         """The units as the method runs them (e.g. wrapped in place inside ``model``)."""

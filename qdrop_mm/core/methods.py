@@ -12,6 +12,7 @@ distribution correction (``MethodConfig.prediction``, ``core/prediction_loss.py`
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
@@ -39,6 +40,19 @@ def _check_positive_int(name: str, value: Any) -> None:
 def _check_unit_interval(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise OptionError(name, f'{name} must be a number in [0, 1], got {value!r}')
+
+
+def _check_types(cfg: Any) -> None:
+    """Every field holds a value of its default's type: bool, str, int, or a finite number for a float."""
+    for f in fields(cfg):
+        kind, value = type(f.default), getattr(cfg, f.name)
+        if kind in (bool, str) and not isinstance(value, kind):
+            what = 'True or False' if kind is bool else 'a string'
+            raise OptionError(f.name, f'{f.name} must be {what}, got {value!r}')
+        if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, kind))
+                                     or not math.isfinite(value)):
+            what = 'integer' if kind is int else 'number'
+            raise OptionError(f.name, f'{f.name} must be a finite {what}, got {value!r}')
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,7 @@ class StageConfig:
     b_lr: float = 1e-3
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_positive_int('iters', self.iters)
         _check_positive_int('batch_size', self.batch_size)
         _check_positive_int('accum_steps', self.accum_steps)
@@ -104,8 +119,7 @@ class StageConfig:
         _check_unit_interval('warmup', self.warmup)
         _check_unit_interval('early_stop_rel_tol', self.early_stop_rel_tol)
         _check_unit_interval('early_stop_after', self.early_stop_after)
-        if isinstance(self.early_stop_patience, bool) or not isinstance(self.early_stop_patience, int) \
-                or self.early_stop_patience < 0:
+        if self.early_stop_patience < 0:
             raise OptionError('early_stop_patience', f'early_stop_patience must be an integer >= 0 (0 = off), got {self.early_stop_patience!r}')
         if not (self.learn_rounding or self.learn_act_steps or self.learn_bias):
             raise ValueError('a stage must learn rounding, activation steps or biases')
@@ -171,12 +185,11 @@ class CompensationConfig:
         return CompensationHooks(self)
 
     def __post_init__(self) -> None:
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not 0 <= self.ridge < float('inf'):
+        _check_types(self)
+        if self.ridge < 0:
             raise OptionError('ridge', f'ridge must be a finite number >= 0, got {self.ridge!r}')
         if self.placement not in COMPENSATION_PLACEMENTS:
             raise OptionError('placement', f'placement must be one of {COMPENSATION_PLACEMENTS}, got {self.placement!r}')
-        if not isinstance(self.validate, bool):
-            raise OptionError('validate', f'validate must be True or False, got {self.validate!r}')
 
 
 @dataclass(frozen=True)
@@ -210,18 +223,17 @@ class PredictionConfig:
         return PredictionHooks(self, prediction)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_positive_int('pd_interval', self.pd_interval)
-        if isinstance(self.dc_iters, bool) or not isinstance(self.dc_iters, int) or self.dc_iters < 0:
+        if self.dc_iters < 0:
             raise OptionError('dc_iters', f'dc_iters must be an integer >= 0 (0 = no distribution correction), '
                              f'got {self.dc_iters!r}')
         for name in ('pd_weight', 'dc_weight', 'pd_cache_gb'):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float('inf'):
-                raise OptionError(name, f'{name} must be a finite number >= 0, got {value!r}')
+            if getattr(self, name) < 0:
+                raise OptionError(name, f'{name} must be a finite number >= 0, got {getattr(self, name)!r}')
         for name in ('pd_temperature', 'dc_lr'):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float('inf'):
-                raise OptionError(name, f'{name} must be a finite number > 0, got {value!r}')
+            if getattr(self, name) <= 0:
+                raise OptionError(name, f'{name} must be a finite number > 0, got {getattr(self, name)!r}')
 
 
 PREDICTION_OPTIONS = frozenset(PredictionConfig.__dataclass_fields__)
@@ -262,21 +274,31 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """What a user may set for any method; each method reads what it needs."""
+    """What a user may set for any method (``stage``: StageConfig fields, ``prediction``: PredictionConfig
+    fields); each method reads what it needs, every option is checked. ``act_*``: BRECQ's activation stage."""
 
-    iters: int = PAPER_ITERS
-    drop_prob: float = 0.5
+    iters: int = StageConfig.iters
+    drop_prob: float = StageConfig.drop_prob
     act_iters: int = 5000
     act_lr_stage2: float = 4e-4
+    act_calibration: str = MethodConfig.act_calibration
     stage: Dict[str, Any] = field(default_factory=dict)
     prediction: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check_positive_int('iters', self.iters)
+        _check_positive_int('act_iters', self.act_iters)
+        _check_unit_interval('drop_prob', self.drop_prob)
+        if self.act_lr_stage2 < 0:
+            raise OptionError('act_lr_stage2', f'act_lr_stage2 must be >= 0, got {self.act_lr_stage2}')
+        StageConfig(**self.stage)
+        PredictionConfig(**self.prediction)
 
 
 TUNABLE_STAGE_OPTIONS = frozenset(StageConfig.__dataclass_fields__) - {
     'iters', 'learn_rounding', 'learn_act_steps', 'act_quant', 'drop_prob'}
-# 'bool', 'int' or 'float' (the annotations are strings here) for every option a config may set
-OPTION_TYPES: Dict[str, str] = {f.name: str(f.type) for cls in (StageConfig, PredictionConfig) for f in fields(cls)
-                                if f.name in TUNABLE_STAGE_OPTIONS | PREDICTION_OPTIONS}
+METHOD_OPTIONS = frozenset(MethodOptions.__dataclass_fields__) - {'stage', 'prediction'}
 MethodBuilder = Callable[[MethodOptions], MethodConfig]
 METHODS: Dict[str, MethodBuilder] = {}
 
@@ -331,18 +353,19 @@ def pdquant(opts: MethodOptions) -> MethodConfig:
     return replace(qdrop(opts), name='pdquant', prediction=PredictionConfig(**opts.prediction))
 
 
-def build_method(name: str, iters: int = PAPER_ITERS, drop_prob: float = 0.5, act_iters: int = 5000,
-                 act_lr_stage2: float = 4e-4, act_calibration: str = 'fp', **stage: Any) -> MethodConfig:
-    """Method config by registered name; ``stage`` keywords override StageConfig defaults."""
+def build_method(name: str, **options: Any) -> MethodConfig:
+    """Method config by registered name; ``options``: MethodOptions fields, StageConfig and PredictionConfig
+    fields (each default lives in its config)."""
     if name not in METHODS:
         raise ValueError(f'unknown method {name!r}; choose one of {sorted(METHODS)}')
-    unknown = set(stage) - TUNABLE_STAGE_OPTIONS - PREDICTION_OPTIONS
+    unknown = set(options) - METHOD_OPTIONS - TUNABLE_STAGE_OPTIONS - PREDICTION_OPTIONS
     if unknown:
-        raise ValueError(f'unknown method option(s) {sorted(unknown)}; allowed: iters, drop_prob, act_iters, '
-                         f'act_lr_stage2, {sorted(TUNABLE_STAGE_OPTIONS)}, {sorted(PREDICTION_OPTIONS)}')
-    prediction = {k: stage.pop(k) for k in sorted(set(stage) & PREDICTION_OPTIONS)}
-    method = replace(METHODS[name](MethodOptions(iters, drop_prob, act_iters, act_lr_stage2, dict(stage), prediction)),
-                     act_calibration=act_calibration)
+        raise ValueError(f'unknown method option(s) {sorted(unknown)}; allowed: {sorted(METHOD_OPTIONS)}, '
+                         f'{sorted(TUNABLE_STAGE_OPTIONS)}, {sorted(PREDICTION_OPTIONS)}')
+    prediction = {k: options.pop(k) for k in sorted(set(options) & PREDICTION_OPTIONS)}
+    stage = {k: options.pop(k) for k in sorted(set(options) & TUNABLE_STAGE_OPTIONS)}
+    opts = MethodOptions(**options, stage=stage, prediction=prediction)
+    method = replace(METHODS[name](opts), act_calibration=opts.act_calibration)
     if prediction and method.prediction is None:
         raise OptionError(next(iter(prediction)), f'{next(iter(prediction))} only applies to methods with a prediction term '
                          f'(pdquant), not {name!r}')

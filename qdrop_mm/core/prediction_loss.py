@@ -25,10 +25,11 @@ and handed back to the tail so its rows line up with the FP rows.
 """
 from __future__ import annotations
 
+import copy
 import time
 import weakref
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -313,12 +314,18 @@ class PredictionTerm:
 
 
 class PredictionHooks(MethodHooks):
-    """PD-Quant as hooks: the FP predictions once after calibration, distribution correction of each unit's
-    cached FP inputs, and the prediction-difference term in each unit's reconstruction."""
+    """PD-Quant as hooks: an FP copy of the model before conversion (its BatchNorms for distribution
+    correction), the FP predictions once after calibration, distribution correction of each unit's cached
+    FP inputs, and the prediction-difference term in each unit's reconstruction."""
 
     def __init__(self, cfg: PredictionConfig, source: Optional[PredictionSource]) -> None:
         self.cfg, self.source = cfg, source
         self.term: Optional[PredictionTerm] = None
+
+    def prepare(self, model: nn.Module) -> None:
+        if self.cfg.dc_iters > 0 and self.source is not None:
+            fp_modules = dict(copy.deepcopy(model).named_modules(remove_duplicate=False))
+            self.source = replace(self.source, fp_unit=fp_modules.get)
 
     def start(self, model: nn.Module, units: Sequence[Any], batches: Sequence[Any], forward_fn: Any,
               cache_policy: Optional[CachePolicy]) -> None:

@@ -20,6 +20,7 @@ from .reconstruct import ReconResult, reconstruct_unit
 from .unit_cache import CachePolicy, UnitCache
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .method_hooks import MethodHooks
     from .prediction_loss import PredictionSource
 
 
@@ -146,19 +147,22 @@ def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], 
 def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], forward_fn: ForwardFn,
             method: MethodConfig, callbacks: Optional[PTQCallbacks] = None,
             cache_policy: Optional[CachePolicy] = None,
-            prediction: Optional['PredictionSource'] = None) -> PTQResult:
+            prediction: Optional['PredictionSource'] = None,
+            hooks: Optional[Sequence['MethodHooks']] = None) -> PTQResult:
     """Quantize ``model`` in place with ``method`` and return what happened per unit.
 
     The method's hooks (``MethodConfig.build_hooks``: QwT's compensation, PD-Quant's prediction
     term) run at their points; ``prediction`` says how to get the network's predictions from a
-    batch, for methods with a prediction term. Batch i of ``batches`` is cache entry i of every unit.
+    batch, for methods with a prediction term. ``hooks``: the method's hooks, built (and ``prepare``d on
+    the FP model) by the caller before converting it; default ``method.build_hooks(prediction)``.
+    Batch i of ``batches`` is cache entry i of every unit.
     The caller's ``units`` are not changed: ``result.units`` are the units as the method ran them.
     """
     cb = callbacks or PTQCallbacks()
     if not units:
         raise ValueError('no reconstruction units: nothing to quantize')
     model.eval()
-    hooks = method.build_hooks(prediction)
+    hooks = list(hooks) if hooks is not None else method.build_hooks(prediction)
     result = PTQResult(method.to_dict())
     try:
         run_units = list(units)

@@ -121,13 +121,9 @@ def select_predict_fn(model: nn.Module) -> Tuple[Callable[..., Groups], str]:
                                f'detectors, mmseg EncoderDecoder)')
 
 
-def build_prediction_source(model: nn.Module, fp_model: nn.Module) -> PredictionSource:
-    """The PD-Quant source for ``model``; ``fp_model`` is an unconverted copy (BatchNorms kept) for DC."""
-    predict_fn, _ = select_predict_fn(model)
+def predict(model: nn.Module, batch: Any, context: Optional[List[Tensor]]) -> Groups:
+    """The prediction rows of ``model`` on ``batch``, through the tail :func:`select_predict_fn` picks for it."""
+    return select_predict_fn(model)[0](model, batch, context)
 
-    def fp_unit(name: str) -> Optional[nn.Module]:
-        try:
-            return fp_model.get_submodule(name)
-        except AttributeError:
-            return None
-    return PredictionSource(predict_fn, fp_unit)
+
+PREDICTION_SOURCE = PredictionSource(predict)

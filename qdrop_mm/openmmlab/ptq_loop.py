@@ -26,14 +26,13 @@ Reliability:
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import asdict, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.dist import all_gather_object, get_rank, get_world_size, is_main_process
+from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop
@@ -49,13 +48,11 @@ from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
 from .calibration import (build_calibration_batches, calibration_forward, check_dataset_paths, feature_forward,
                           images_for_this_rank, num_images, split_batches)
 from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
-from .prediction_tail import UnsupportedHeadError, build_prediction_source, select_predict_fn
+from .prediction_tail import PREDICTION_SOURCE, UnsupportedHeadError, select_predict_fn
 from .registry import LOOPS
 from .report import build_report, format_summary, unit_bits, write_report
 from .report_plots import RECON_CURVES_FILE, UNIT_ERRORS_FILE, write_report_plots
-from .resume import (ResumeStateError, ResumeStore, batches_digest, checkpoint_identity, compare_fingerprints,
-                     load_scope_state, module_state_dict, record_from_dict, record_to_dict, scope_state_dict,
-                     rng_state, seed_everything, set_rng_state)
+from .resume import ResumeSession, seed_everything
 from .settings import PTQConfigError, PTQError, PTQSettings
 
 QUANTIZED_FILE = 'quantized.pth'
@@ -147,20 +144,28 @@ class NonFiniteUnitError(PTQError, FloatingPointError):
     """A unit's reconstruction loss became NaN/inf; the finished units are kept for --resume."""
 
 
-class LoggingCallbacks(PTQCallbacks):
-    """mmengine-style log lines per phase and unit, with a progress bar per unit."""
+class LoopCallbacks(PTQCallbacks):
+    """mmengine-style log lines per phase and unit (a progress bar per unit), and the resume session:
+    restored units are skipped, the state is saved after calibration and after each unit."""
 
-    def __init__(self, logger, num_units: int, num_stages: int, units: Optional[Sequence[Unit]] = None) -> None:
-        self.logger = logger
-        self.num_units = num_units
-        self.num_stages = num_stages
-        self._position = {u.name: i for i, u in enumerate(units or [])}
+    def __init__(self, logger, units: Sequence[Unit], num_stages: int, session: ResumeSession) -> None:
+        self.logger, self.num_stages, self.session = logger, num_stages, session
+        self.num_units = len(units)
+        self._position = {u.name: i for i, u in enumerate(units)}
         self._bar: Optional[ProgressBar] = None
-        self._done = 0
-        self._index = 0
+        self._done = self._index = 0
+        self.current: Optional[Tuple[int, Unit]] = None
 
     def before_calibration(self, num_quantizers: int) -> None:
-        self.logger.info(f'calibrating {num_quantizers} activation quantizers (L2.4 range search on FP activations)')
+        self.logger.info(f'{num_quantizers} activation quantizers restored from the resume state (calibrated)'
+                         if self.session.calibrated else
+                         f'calibrating {num_quantizers} activation quantizers (L2.4 range search on FP activations)')
+
+    def after_calibration(self) -> None:
+        self.session.save_calibration()
+
+    def restored(self, stage_idx: int, unit: Unit) -> Optional[UnitRecord]:
+        return self.session.restored(stage_idx, unit.name)
 
     def before_unit(self, stage_idx: int, unit: Unit) -> None:
         self._index = self._position[unit.name] + 1 if unit.name in self._position else \
@@ -169,6 +174,7 @@ class LoggingCallbacks(PTQCallbacks):
         self.logger.info(f'[stage {stage_idx + 1}/{self.num_stages}] unit {self._index}/{self.num_units} '
                          f'{unit.name} ({unit.kind}, w{bits["w_bits"]} a{bits["a_bits"]})')
         self._bar, self._done = None, 0
+        self.current = (stage_idx, unit)
 
     def progress(self, it: int, total: int, loss: float) -> None:
         if self._bar is None:
@@ -183,6 +189,10 @@ class LoggingCallbacks(PTQCallbacks):
         if 'pd_loss_before' in r.extra:
             self.logger.info(f'{record.name}: prediction difference {r.extra["pd_loss_before"]:.5g} -> '
                              f'{r.extra["pd_loss_after"]:.5g}')
+        self.session.save_unit(record, self.current[1].module)
+        self.current = None
+        if all(self.session.restored(record.stage, u) for u in self._position):
+            self.logger.info(f'stage {record.stage + 1}/{self.num_stages} done; resume state in {self.session.dir}')
 
     def after_compensation(self, record: UnitRecord) -> None:
         r = record.result
@@ -190,60 +200,9 @@ class LoggingCallbacks(PTQCallbacks):
         self.logger.info(f'[QwT] {record.name}: residual MSE {r.loss_before:.5g} -> {r.loss_after:.5g} '
                          f'(closed form, {r.seconds:.2f} s{kept})')
 
-
     def compensation_not_possible(self, unit: Unit) -> None:
         self.logger.warning(f'[QwT] {unit.name}: left uncompensated: its input or output is not an NCHW feature map '
                             f'a strided 1x1 conv can map (e.g. transformer tokens)')
-
-
-class ResumableCallbacks(LoggingCallbacks):
-    """Logging plus: skipping restored units, saving the resume state after calibration and each unit."""
-
-    def __init__(self, logger, units: Sequence[Unit], method: MethodConfig, settings: PTQSettings,
-                 store: ResumeStore, manifest: Dict[str, Any], model: torch.nn.Module,
-                 restored: Dict[Tuple[int, str], UnitRecord]) -> None:
-        super().__init__(logger, len(units), len(method.stages), units)
-        self.method, self.settings, self.store, self.model = method, settings, store, model
-        self.units = list(units)
-        self.manifest = manifest
-        self.finished = dict(restored)
-        self.current: Optional[Tuple[int, Unit]] = None
-
-    def before_calibration(self, num_quantizers: int) -> None:
-        if self.manifest.get('calibrated'):
-            self.logger.info(f'{num_quantizers} activation quantizers restored from the resume state (calibrated)')
-        else:
-            super().before_calibration(num_quantizers)
-
-    def after_calibration(self) -> None:
-        if not self.manifest.get('calibrated'):
-            self.manifest['calibrated'] = True
-            rngs = all_gather_object(rng_state())  # collective: every rank calls it
-            state = scope_state_dict(self.model, scope_paths(self.model, self.settings.scope)) \
-                if self.store.writer else {}
-            self.store.save('calibration', state, self.manifest, rngs)
-            self.manifest = dict(self.store.manifest)
-
-    def restored(self, stage_idx: int, unit: Unit) -> Optional[UnitRecord]:
-        return self.finished.get((stage_idx, unit.name))
-
-    def before_unit(self, stage_idx: int, unit: Unit) -> None:
-        super().before_unit(stage_idx, unit)
-        self.current = (stage_idx, unit)
-
-    def after_unit(self, record: UnitRecord) -> None:
-        super().after_unit(record)
-        self.finished[(record.stage, record.name)] = record
-        self.manifest['finished'] = self.manifest.get('finished', []) + [[record.stage, record.name]]
-        self.manifest['records'] = self.manifest.get('records', []) + [record_to_dict(record)]
-        unit = self.current[1] if self.current else next(u for u in self.units if u.name == record.name)
-        rngs = all_gather_object(rng_state())  # collective: every rank calls it
-        state = module_state_dict(self.model, unit.module) if self.store.writer else {}
-        self.store.save('unit', state, self.manifest, rngs)
-        self.manifest = dict(self.store.manifest)
-        self.current = None
-        if all((record.stage, u) in self.finished for u in self._position):
-            self.logger.info(f'stage {record.stage + 1}/{self.num_stages} done; resume state in {self.store.dir}')
 
 
 class _CheckpointFitHook(Hook):
@@ -268,15 +227,13 @@ class PTQLoop(TestLoop):
         super().__init__(runner, dataloader, evaluator, fp16)
         self.settings = PTQSettings.from_cfg(ptq if ptq is not None else runner.cfg.get('ptq', {}))
         self.load_quantized = load_quantized
-        self.resume = resume
         if resume and load_quantized:
             raise PTQConfigError('resume and load_quantized exclude each other: --resume continues a '
                                  'reconstruction, --load-quantized skips it')
         self.plan: Optional[ModelPlan] = None
         self.report: Optional[Dict[str, Any]] = None
         self.quantized_path: Optional[str] = load_quantized
-        self.store = ResumeStore(runner.work_dir, writer=is_main_process())
-        self.resumed_units = 0
+        self.session = ResumeSession(runner.work_dir, runner.logger, resume)
         runner.register_hook(_CheckpointFitHook(self))
         drop_weight_swapping_hooks(runner)
 
@@ -304,9 +261,9 @@ class PTQLoop(TestLoop):
 
     def quantize(self) -> Dict[str, Any]:
         """Calibrate and reconstruct in place (continuing a saved run when resuming)."""
-        logger, settings, model, store = self.runner.logger, self.settings, self.model, self.store
+        logger, settings, model, session = self.runner.logger, self.settings, self.model, self.session
         method = settings.build_method()
-        manifest = self._start_or_resume()
+        session.open()
         t0 = time.perf_counter()
         seed_everything(settings.seed)
         batches = build_calibration_batches(
@@ -317,7 +274,9 @@ class PTQLoop(TestLoop):
                     + (f'; {num_images(held_out)} held-out train images for the feature-error check' if held_out else ''))
         t1 = time.perf_counter()
         model.eval()
-        fp_model = copy.deepcopy(model) if method.prediction is not None else None  # PD-Quant's DC needs the BNs
+        hooks = method.build_hooks(PREDICTION_SOURCE)
+        for hook in hooks:
+            hook.prepare(model)
         forward = calibration_forward(scope_paths(model, settings.scope))
         try:
             self.plan = plan_model(model, settings, lambda: forward(model, batches[0]))
@@ -339,28 +298,18 @@ class PTQLoop(TestLoop):
         if shared:
             logger.info(f'{len(shared)} unit(s) run several times per image (shared across pyramid levels), each '
                         f'call one reconstruction sample: {shared[:4]}{" ..." if len(shared) > 4 else ""}')
-        fingerprint = {'settings': settings.to_dict(), 'units': [u.name for u in self.plan.units],
-                       'checkpoint': checkpoint_identity(getattr(self.runner, '_load_from', None)),
-                       'world_size': get_world_size(), 'calibration': all_gather_object(batches_digest(batches))}
-        if manifest:
-            restored = self._restore(manifest, fingerprint)
-            manifest = dict(store.manifest)
-        else:
-            restored = {}
-            seed_everything(settings.seed)
-            manifest = {'status': 'running', 'fingerprint': fingerprint, 'num_stages': len(method.stages),
-                        'calibrated': False, 'finished': [], 'records': []}
+        session.start(model, settings, self.plan.units, batches, getattr(self.runner, '_load_from', None),
+                      len(method.stages))
         for name in (QUANTIZED_FILE, REPORT_FILE, RECON_CURVES_FILE, UNIT_ERRORS_FILE):
             # a failed run must not leave an earlier run's results behind
             path = os.path.join(self.runner.work_dir, name)
             if is_main_process() and os.path.exists(path):
                 os.unlink(path)
                 logger.info(f'removed {path} of an earlier run')
-        callbacks = ResumableCallbacks(logger, self.plan.units, method, settings, store, manifest, model, restored)
+        callbacks = LoopCallbacks(logger, self.plan.units, len(method.stages), session)
         try:
             result = run_ptq(model, self.plan.units, batches, forward, method, callbacks,
-                             settings.cache_policy(self.runner.work_dir),
-                             build_prediction_source(model, fp_model) if fp_model is not None else None)
+                             settings.cache_policy(self.runner.work_dir), hooks=hooks)
         except NonFiniteLossError as err:
             raise self._non_finite(err, callbacks, method) from None
         feature_error = self._feature_error(batches, held_out) if held_out else None
@@ -370,7 +319,7 @@ class PTQLoop(TestLoop):
                 'units': [u.name for u in self.plan.units]}
         if is_main_process():
             atomic_save(quantized_checkpoint(model.state_dict(), meta), path)
-        store.update(status='complete')
+        session.update(status='complete')
         self.quantized_path = path
         logger.info(f'saved quantized model to {path}')
         return {'result': result, 'timings': {'calibration_data': t1 - t0, 'reconstruction': t2 - t1},
@@ -390,53 +339,19 @@ class PTQLoop(TestLoop):
                                 f"({errors['held_out_images']} train images not used for calibration)")
         return errors
 
-    def _start_or_resume(self) -> Optional[Dict[str, Any]]:
-        logger, store = self.runner.logger, self.store
-        if not self.resume:
-            if store.clear():
-                logger.warning(f'removed the resume state of an earlier run in {store.dir} '
-                               f'(pass --resume to continue an interrupted run instead)')
-            return None
-        manifest = store.read_manifest()
-        if manifest is None:
-            logger.warning(f'--resume: no resume state in {store.dir}; starting from the beginning')
-        return manifest
-
-    def _restore(self, manifest: Dict[str, Any], fingerprint: Dict[str, Any]) -> Dict[Tuple[int, str], UnitRecord]:
-        """Check the saved run matches this one, load its quantized state and RNG states."""
-        logger, store = self.runner.logger, self.store
-        blocking, allowed = compare_fingerprints(manifest.get('fingerprint', {}), fingerprint)
-        if blocking:
-            raise ResumeStateError(f'the resume state in {store.dir} belongs to a different run: '
-                                   f'{"; ".join(blocking)}. Run with the same settings, or without --resume '
-                                   f'to start over')
-        if allowed:
-            logger.warning(f'resuming with changed settings (finished units keep the old ones): {allowed}')
-        states = store.load_states(manifest)
-        load_scope_state(self.model, [s['state_dict'] for s in states],
-                         scope_paths(self.model, self.settings.scope), store.dir)
-        rngs = states[-1]['rng']
-        set_rng_state(rngs[get_rank()] if isinstance(rngs, list) else rngs)
-        store.manifest = dict(manifest, fingerprint=fingerprint, status='running')
-        restored = {(r.stage, r.name): r for r in map(record_from_dict, manifest.get('records', []))}
-        self.resumed_units = len(restored)
-        logger.info(f'resuming from {store.dir}: {len(restored)} finished unit(s) restored '
-                    f'(last: {manifest["finished"][-1][1] if restored else "calibration only"})')
-        return restored
-
-    def _non_finite(self, err: NonFiniteLossError, callbacks: ResumableCallbacks,
+    def _non_finite(self, err: NonFiniteLossError, callbacks: LoopCallbacks,
                     method: MethodConfig) -> NonFiniteUnitError:
         stage_idx, unit = callbacks.current if callbacks.current else (0, None)
         name = unit.name if unit is not None else '?'
         index = [u.name for u in self.plan.units].index(name) + 1 if unit is not None else 0
         iters = method.stages[stage_idx].iters if method.stages else '?'
-        done = len(callbacks.finished)
+        done = len(self.session.finished)
         message = (f'non-finite reconstruction loss ({err.value}) in unit {name} '
                    f'(stage {stage_idx + 1}/{len(method.stages)}, unit {index}/{len(self.plan.units)}) at iteration '
-                   f'{err.iteration + 1}/{iters}; {done} finished unit(s) are saved in {self.store.dir}: fix the '
+                   f'{err.iteration + 1}/{iters}; {done} finished unit(s) are saved in {self.session.dir}: fix the '
                    f'cause (e.g. lower ptq.method_options.w_lr / a_lr, check the FP checkpoint for NaN/inf '
                    f'weights) and continue with --resume')
-        self.store.update(last_error=message)
+        self.session.update(last_error=message)
         return NonFiniteUnitError(message)
 
     def load(self, path: str) -> Dict[str, Any]:
@@ -458,7 +373,7 @@ class PTQLoop(TestLoop):
         timings = dict(done['timings'], evaluation=time.perf_counter() - t1, total=time.perf_counter() - t0)
         extra: Dict[str, Any] = {'loaded_from': self.load_quantized}
         if not self.load_quantized:
-            extra['resumed_units'] = self.resumed_units
+            extra['resumed_units'] = self.session.resumed_units
         if done.get('feature_error'):
             extra['feature_error'] = done['feature_error']
         if done['result'] is not None and any(r.result.extra for r in done['result'].records):
@@ -473,6 +388,6 @@ class PTQLoop(TestLoop):
             write_report(report, os.path.join(self.runner.work_dir, REPORT_FILE))
         self.report = report
         self.runner.logger.info('\n' + format_summary(report))
-        if not self.load_quantized and self.store.clear():
-            self.runner.logger.info(f'run complete: removed the resume state {self.store.dir}')
+        if not self.load_quantized and self.session.clear():
+            self.runner.logger.info(f'run complete: removed the resume state {self.session.dir}')
         return metrics

@@ -35,17 +35,19 @@ import random
 import shutil
 import time
 from dataclasses import asdict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from mmengine.dist import all_gather_object, get_rank, get_world_size, is_main_process
 from torch import nn
 
-from qdrop_mm.core import ReconResult, UnitRecord
+from qdrop_mm.core import ReconResult, Unit, UnitRecord
 
 from .atomic_io import atomic_write_json, fsync_dir
+from .block_plan import scope_paths
 from .checkpoint import atomic_save
-from .settings import PTQConfigError
+from .settings import PTQConfigError, PTQSettings
 
 RESUME_DIR = 'ptq_resume'
 MANIFEST = 'manifest.json'
@@ -155,17 +157,15 @@ def load_scope_state(model: nn.Module, states: Sequence[Dict[str, torch.Tensor]]
 def record_to_dict(rec: UnitRecord) -> Dict[str, Any]:
     r = rec.result
     return {'name': rec.name, 'kind': rec.kind, 'stage': rec.stage, 'cache_bytes': int(rec.cache_bytes),
-            'cache_usage': {k: int(v) for k, v in getattr(rec, 'cache_usage', {}).items()},
+            'cache_usage': {k: int(v) for k, v in rec.cache_usage.items()},
             **asdict(r)}
 
 
 def record_from_dict(d: Dict[str, Any]) -> UnitRecord:
     fields = set(ReconResult.__dataclass_fields__)
     result = ReconResult(**{k: v for k, v in d.items() if k in fields})
-    record = UnitRecord(d['name'], d['kind'], int(d['stage']), result, int(d['cache_bytes']))
-    if hasattr(record, 'cache_usage'):
-        record.cache_usage = dict(d.get('cache_usage', {}))
-    return record
+    return UnitRecord(d['name'], d['kind'], int(d['stage']), result, int(d['cache_bytes']),
+                      dict(d.get('cache_usage', {})))
 
 
 # ----------------------------------------------------------------------------- files
@@ -180,17 +180,89 @@ def _file_digest(path: str) -> Tuple[int, str]:
     return size, h.hexdigest()
 
 
-class ResumeStore:
-    """The resume folder of one work dir: save after each unit, load on ``--resume``, remove when done."""
+class ResumeSession:
+    """The resume folder of one run, the loop's only contact with it: ``open`` (a fresh run removes an earlier
+    state, ``--resume`` reads it), ``start`` (once the units are planned: restore the saved run and its RNG
+    states, or seed the RNGs), ``save_calibration`` and ``save_unit`` (a state file, then the manifest),
+    ``update`` (status, last error), ``clear``. Under torch.distributed every rank calls every method (the RNG
+    states are gathered); rank 0 writes."""
 
-    def __init__(self, work_dir: str, writer: bool = True) -> None:
+    def __init__(self, work_dir: str, logger: Any = None, resume: bool = False) -> None:
         self.dir = os.path.join(work_dir, RESUME_DIR)
         self.manifest_path = os.path.join(self.dir, MANIFEST)
-        self.manifest: Optional[Dict[str, Any]] = None
-        self.writer = writer  # under torch.distributed only rank 0 writes; every rank reads
+        self.writer = is_main_process()
+        self.logger, self.resume = logger, resume
+        self.manifest: Dict[str, Any] = {}  # as last written (or read by --resume)
+        self.finished: Dict[Tuple[int, str], UnitRecord] = {}
+        self.resumed_units = 0
+        self.model, self.scope = None, ()  # set by start
 
-    def exists(self) -> bool:
-        return os.path.isdir(self.dir)
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.manifest.get('calibrated'))
+
+    def open(self) -> None:
+        """Remove the state of an earlier run, or with ``resume`` read it (none: start from the beginning)."""
+        if not self.resume:
+            if self.clear():
+                self.logger.warning(f'removed the resume state of an earlier run in {self.dir} '
+                                    f'(pass --resume to continue an interrupted run instead)')
+            return
+        self.manifest = self.read_manifest() or {}
+        if not self.manifest:
+            self.logger.warning(f'--resume: no resume state in {self.dir}; starting from the beginning')
+
+    def start(self, model: nn.Module, settings: PTQSettings, units: Sequence[Unit], batches: Sequence[dict],
+              checkpoint: Optional[str], num_stages: int) -> None:
+        """Restore the saved run (checked to be this one) into the planned ``model``, else seed the RNGs."""
+        self.model, self.scope = model, scope_paths(model, settings.scope)
+        fingerprint = {'settings': settings.to_dict(), 'units': [u.name for u in units],
+                       'checkpoint': checkpoint_identity(checkpoint), 'world_size': get_world_size(),
+                       'calibration': all_gather_object(batches_digest(batches))}
+        manifest = self.manifest
+        if not manifest:
+            seed_everything(settings.seed)
+            self.manifest = {'status': 'running', 'fingerprint': fingerprint, 'num_stages': num_stages,
+                             'calibrated': False, 'finished': [], 'records': []}
+            return
+        blocking, allowed = compare_fingerprints(manifest.get('fingerprint', {}), fingerprint)
+        if blocking:
+            raise ResumeStateError(f'the resume state in {self.dir} belongs to a different run: '
+                                   f'{"; ".join(blocking)}. Run with the same settings, or without --resume '
+                                   f'to start over')
+        if allowed:
+            self.logger.warning(f'resuming with changed settings (finished units keep the old ones): {allowed}')
+        states = self.load_states(manifest)
+        load_scope_state(self.model, [s['state_dict'] for s in states], self.scope, self.dir)
+        rngs = states[-1]['rng']
+        set_rng_state(rngs[get_rank()] if isinstance(rngs, list) else rngs)
+        self.manifest = dict(manifest, fingerprint=fingerprint, status='running')
+        self.finished = {(r.stage, r.name): r for r in map(record_from_dict, manifest.get('records', []))}
+        self.resumed_units = len(self.finished)
+        self.logger.info(f'resuming from {self.dir}: {len(self.finished)} finished unit(s) restored '
+                         f'(last: {manifest["finished"][-1][1] if self.finished else "calibration only"})')
+
+    def restored(self, stage_idx: int, name: str) -> Optional[UnitRecord]:
+        """The record of a (stage, unit) finished before (not rerun)."""
+        return self.finished.get((stage_idx, name))
+
+    def save_calibration(self) -> None:
+        """The calibrated state of everything in scope (once: a restored run has it already)."""
+        if not self.calibrated:
+            self._save('calibration', dict(self.manifest, calibrated=True),
+                       lambda: scope_state_dict(self.model, self.scope))
+
+    def save_unit(self, record: UnitRecord, module: nn.Module) -> None:
+        """A finished (stage, unit): its record and ``module``'s state."""
+        self.finished[(record.stage, record.name)] = record
+        finished = self.manifest.get('finished', []) + [[record.stage, record.name]]
+        records = self.manifest.get('records', []) + [record_to_dict(record)]
+        self._save('unit', dict(self.manifest, finished=finished, records=records),
+                   lambda: module_state_dict(self.model, module))
+
+    def _save(self, kind: str, manifest: Dict[str, Any], state: Callable[[], Dict[str, torch.Tensor]]) -> None:
+        rngs = all_gather_object(rng_state())  # collective: every rank calls it
+        self.save(kind, state() if self.writer else {}, manifest, rngs)
 
     def clear(self) -> bool:
         """Remove the folder (a fresh run never trusts an older state); True if there was one."""
@@ -259,8 +331,8 @@ class ResumeStore:
         self.manifest = manifest
 
     def update(self, **fields: Any) -> None:
-        """Rewrite the manifest with some fields changed (same state files)."""
-        if self.manifest is None:
+        """Rewrite the manifest with some fields changed (same state files; none written yet: nothing to do)."""
+        if not self.manifest.get('files'):
             return
         self.manifest = dict(self.manifest, **fields, updated=time.strftime('%Y-%m-%d %H:%M:%S'))
         if self.writer:

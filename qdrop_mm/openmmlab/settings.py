@@ -1,19 +1,21 @@
 """The ``ptq`` section of a config, validated into a typed object.
 
 Every error names the config key and the allowed values, so a mistyped
-config fails before any heavy work.
+config fails before any heavy work. The run's own knobs have their defaults
+here; the method's (``iters``, ``drop_prob``, ``act_iters``, ``batch_size``,
+``act_calibration``, ``method_options``) are those of ``qdrop_mm.core.methods``,
+which also validates them.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from qdrop_mm.core.fake_quant import MAX_BITS, MIN_BITS
 from qdrop_mm.core.unit_cache import DTYPES, GiB, CachePolicy
-from qdrop_mm.core.methods import (METHODS, OPTION_TYPES, PREDICTION_OPTIONS, TUNABLE_STAGE_OPTIONS, MethodConfig,
-                                   build_method)
+from qdrop_mm.core.methods import (METHODS, PREDICTION_OPTIONS, TUNABLE_STAGE_OPTIONS, MethodConfig, MethodOptions,
+                                   StageConfig, build_method)
 
 
 class PTQError(Exception):
@@ -24,18 +26,17 @@ class PTQConfigError(PTQError, ValueError):
     """A config key, path or checkpoint that does not fit; the message names the key and what is allowed."""
 
 
+def _int(key: str, value: Any, low: int, high: Optional[int] = None, note: str = '') -> int:
+    """``value`` when it is an integer from ``low`` to ``high``; else an error naming ``ptq.<key>``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f'an integer from {low} to {high}' if high is not None else \
+            'a positive integer' if low == 1 else f'an integer >= {low}'
+        raise PTQConfigError(f'ptq.{key} must be {allowed}{note}, got {value!r}')
+    return value
+
+
 def _bits(key: str, value: Any, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-        raise PTQConfigError(f'ptq.{key} must be an integer from {MIN_BITS} to {MAX_BITS}, got {value!r}')
-    return value
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise PTQConfigError(f'ptq.{key} must be a positive integer, got {value!r}')
-    return value
+    return None if value is None and allow_none else _int(key, value, MIN_BITS, MAX_BITS)
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,11 @@ class PTQSettings:
     w_bits: int = 4
     a_bits: int = 4
     first_layer_bits: Optional[int] = 8
-    drop_prob: float = 0.5
-    iters: int = 20000
-    act_iters: int = 5000
+    drop_prob: float = MethodOptions.drop_prob
+    iters: int = MethodOptions.iters
+    act_iters: int = MethodOptions.act_iters
     num_images: int = 256
-    batch_size: int = 2
+    batch_size: int = StageConfig.batch_size
     calib_batch_size: Optional[int] = None
     seed: int = 0
     scope: Tuple[str, ...] = ('auto',)
@@ -67,7 +68,7 @@ class PTQSettings:
     calib_num_workers: int = 2
     w_observer: str = 'mse'
     a_observer: str = 'mse'
-    act_calibration: str = 'fp'
+    act_calibration: str = MethodOptions.act_calibration
     holdout_images: int = 0
     cache: Dict[str, Any] = field(default_factory=dict)
 
@@ -83,30 +84,17 @@ class PTQSettings:
         if method not in METHODS:
             raise PTQConfigError(f'ptq.method must be one of {sorted(METHODS)}, got {method!r}')
         kw: Dict[str, Any] = dict(cfg)
-        kw['w_bits'] = _bits('w_bits', cfg.get('w_bits', cls.w_bits))
-        kw['a_bits'] = _bits('a_bits', cfg.get('a_bits', cls.a_bits))
-        kw['first_layer_bits'] = _bits('first_layer_bits', cfg.get('first_layer_bits', cls.first_layer_bits),
-                                       allow_none=True)
-        p = cfg.get('drop_prob', cls.drop_prob)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise PTQConfigError(f'ptq.drop_prob must be a number in [0, 1] (probability of keeping '
-                             f'quantization), got {p!r}')
-        for key in ('iters', 'act_iters', 'num_images', 'batch_size'):
-            kw[key] = _positive_int(key, cfg.get(key, getattr(cls, key)))
+        for key in ('w_bits', 'a_bits', 'first_layer_bits'):
+            _bits(key, cfg.get(key, getattr(cls, key)), allow_none=key == 'first_layer_bits')
+        _int('num_images', cfg.get('num_images', cls.num_images), 1)
         if cfg.get('calib_batch_size') is not None:
-            kw['calib_batch_size'] = _positive_int('calib_batch_size', cfg['calib_batch_size'])
-        seed = cfg.get('seed', cls.seed)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
-            raise PTQConfigError(f'ptq.seed must be an integer from 0 to {2 ** 32 - 1}, got {seed!r}')
-        if not isinstance(cfg.get('quantize_fpn_outputs', False), bool):
+            _int('calib_batch_size', cfg['calib_batch_size'], 1)
+        _int('seed', cfg.get('seed', cls.seed), 0, 2 ** 32 - 1)
+        _int('holdout_images', cfg.get('holdout_images', cls.holdout_images), 0, note=' (0 = no held-out check)')
+        _int('calib_num_workers', cfg.get('calib_num_workers', cls.calib_num_workers), 0)
+        if not isinstance(cfg.get('quantize_fpn_outputs', cls.quantize_fpn_outputs), bool):
             raise PTQConfigError(f'ptq.quantize_fpn_outputs must be True or False, '
                                  f'got {cfg.get("quantize_fpn_outputs")!r}')
-        holdout = cfg.get('holdout_images', cls.holdout_images)
-        if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
-            raise PTQConfigError(f'ptq.holdout_images must be an integer >= 0 (0 = no held-out check), got {holdout!r}')
-        workers = cfg.get('calib_num_workers', cls.calib_num_workers)
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise PTQConfigError(f'ptq.calib_num_workers must be an integer >= 0, got {workers!r}')
         scope = cfg.get('scope', cls.scope)
         if isinstance(scope, str):
             scope = (scope,)
@@ -121,12 +109,10 @@ class PTQSettings:
         if bad:
             raise PTQConfigError(f'ptq.method_options has unknown key(s) {bad}; '
                                  f'allowed: {sorted(TUNABLE_STAGE_OPTIONS)}, for pdquant: {sorted(PREDICTION_OPTIONS)}')
-        for key, value in opts.items():
-            _check_option_type(key, value)
         kw['method_options'] = opts
         kw['cache'] = _cache_options(cfg.get('cache', {}))
         for key in ('w_observer', 'a_observer'):
-            if cfg.get(key, 'mse') not in ('mse', 'minmax'):
+            if cfg.get(key, getattr(cls, key)) not in ('mse', 'minmax'):
                 raise PTQConfigError(f"ptq.{key} must be 'mse' or 'minmax', got {cfg.get(key)!r}")
         settings = cls(**kw)
         settings.build_method()
@@ -145,7 +131,7 @@ class PTQSettings:
         except ValueError as err:
             key = getattr(err, 'key', None)
             prefix = 'ptq.method_options.' if key in self.method_options else \
-                'ptq.' if key == 'act_calibration' else 'ptq: '
+                'ptq.' if key in self.__dataclass_fields__ else 'ptq: '
             raise PTQConfigError(f'{prefix}{err}') from None
 
     def bits_for(self, path: str, first_layer: bool) -> Tuple[int, int]:
@@ -160,11 +146,10 @@ class PTQSettings:
 
     def cache_policy(self, work_dir: str) -> CachePolicy:
         """Where unit caches live: ``ptq.cache`` with budgets in GiB; spills go under the work dir."""
-        c = self.cache
-        spill = os.path.join(work_dir, 'cache_spill') if c.get('spill', True) else None
-        return CachePolicy(dtype=c.get('dtype', 'float32'),
-                           device_budget=_device_budget(c.get('device_budget_gb', 'auto')),
-                           host_budget=int(c.get('host_budget_gb', 16) * GiB), spill_dir=spill)
+        c = {**CACHE_DEFAULTS, **self.cache}
+        spill = os.path.join(work_dir, 'cache_spill') if c['spill'] else None
+        return CachePolicy(dtype=c['dtype'], device_budget=_device_budget(c['device_budget_gb']),
+                           host_budget=int(c['host_budget_gb'] * GiB), spill_dir=spill)
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -173,15 +158,16 @@ class PTQSettings:
         return d
 
 
-CACHE_KEYS = {'dtype': DTYPES, 'device_budget_gb': None, 'host_budget_gb': None, 'spill': None}
+CACHE_DEFAULTS = {'dtype': CachePolicy.dtype, 'device_budget_gb': 'auto',
+                  'host_budget_gb': CachePolicy.host_budget // GiB, 'spill': True}
 
 
 def _cache_options(value: Any) -> Dict[str, Any]:
     if not isinstance(value, Mapping):
-        raise PTQConfigError(f'ptq.cache must be a dict with keys {sorted(CACHE_KEYS)}, got {value!r}')
-    bad = sorted(set(value) - set(CACHE_KEYS))
+        raise PTQConfigError(f'ptq.cache must be a dict with keys {sorted(CACHE_DEFAULTS)}, got {value!r}')
+    bad = sorted(set(value) - set(CACHE_DEFAULTS))
     if bad:
-        raise PTQConfigError(f'ptq.cache has unknown key(s) {bad}; allowed: {sorted(CACHE_KEYS)}')
+        raise PTQConfigError(f'ptq.cache has unknown key(s) {bad}; allowed: {sorted(CACHE_DEFAULTS)}')
     if 'dtype' in value and value['dtype'] not in DTYPES:
         raise PTQConfigError(f"ptq.cache.dtype must be one of {sorted(DTYPES)}, got {value['dtype']!r}")
     for key in ('device_budget_gb', 'host_budget_gb'):
@@ -208,24 +194,6 @@ def _device_budget(value: Any) -> int:
         return 0
     free, _ = torch.cuda.mem_get_info()
     return int(free * AUTO_DEVICE_FRACTION)
-
-
-def _check_option_type(key: str, value: Any) -> None:
-    """``ptq.method_options.<key>`` has the type of the StageConfig/PredictionConfig field it sets."""
-    kind = OPTION_TYPES[key]
-    if kind == 'str':
-        if not isinstance(value, str):
-            raise PTQConfigError(f'ptq.method_options.{key} must be a string, got {value!r}')
-        return
-    if kind == 'bool':
-        if not isinstance(value, bool):
-            raise PTQConfigError(f'ptq.method_options.{key} must be True or False, got {value!r}')
-        return
-    integer = kind == 'int'
-    if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
-            or not math.isfinite(value)):
-        raise PTQConfigError(f'ptq.method_options.{key} must be a finite '
-                             f'{"integer" if integer else "number"}, got {value!r}')
 
 
 def _flatten_overrides(value: Any, prefix: str = '') -> Dict[str, Any]:

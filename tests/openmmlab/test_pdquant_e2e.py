@@ -1,7 +1,6 @@
 """PD-Quant through the OpenMMLab glue: the prediction tails of Faster R-CNN (RPN + RoI head), RetinaNet and a
 segmentor, ``ptq.method=pdquant`` end to end through tools/ptq.py (tiny Faster R-CNN R18-FPN on coco128, tiny
 DeepLabV3 R18 on generated shapes; random weights), its report and ``--load-quantized``."""
-import copy
 import json
 import math
 
@@ -15,7 +14,7 @@ from qdrop_mm.demo.shapes_dataset import generate_shapes_dataset
 from qdrop_mm.openmmlab import PTQSettings
 from qdrop_mm.openmmlab.block_plan import plan_model
 from qdrop_mm.openmmlab.calibration import feature_forward
-from qdrop_mm.openmmlab.prediction_tail import UnsupportedHeadError, build_prediction_source, select_predict_fn
+from qdrop_mm.openmmlab.prediction_tail import PREDICTION_SOURCE, UnsupportedHeadError, select_predict_fn
 from qdrop_mm.openmmlab.settings import PTQConfigError
 
 from .conftest import REPO, build_model_from_config, save_random_checkpoint
@@ -61,10 +60,9 @@ def _det_batch(sizes=((64, 80), (64, 72))):
 def test_detector_tail_rows_and_zero_difference_when_fp(config, options, groups):
     _, model = build_model_from_config(config, options)
     batch = _det_batch()
-    fp_model = copy.deepcopy(model)
     plan = plan_model(model, PTQSettings.from_cfg({'method': 'pdquant', 'scope': ['backbone'],
                                                    'w_observer': 'minmax', 'a_observer': 'minmax'}))
-    source = build_prediction_source(model, fp_model)
+    source = PREDICTION_SOURCE
     with torch.no_grad(), quant_state(model, weight=False, act=False):
         got, context = source.predict_fn(model, batch, None)
     assert [(g.kind, g.scores.shape[1], g.boxes.shape[1]) for g in got] == groups

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from qdrop_mm.openmmlab.resume import (FORMAT, MANIFEST, RESUME_DIR, ResumeStateError, ResumeStore,
+from qdrop_mm.openmmlab.resume import (FORMAT, MANIFEST, RESUME_DIR, ResumeSession, ResumeStateError,
                                        compare_fingerprints, rng_state, set_rng_state)
 
 from .conftest import REPO, save_random_checkpoint
@@ -114,13 +114,13 @@ def _state(seed):
 
 
 def test_store_saves_atomically_and_verifies_checksums(tmp_path):
-    store = ResumeStore(str(tmp_path))
+    store = ResumeSession(str(tmp_path))
     manifest = {'status': 'running', 'finished': []}
     store.save('calibration', _state(0), manifest)
     store.save('unit', _state(1), dict(store.manifest, finished=[[0, 'm']]))
     files = sorted(p.name for p in (tmp_path / RESUME_DIR).iterdir())
     assert files == ['calibration.pth', MANIFEST, 'unit-0001.pth']  # no temp files left behind
-    again = ResumeStore(str(tmp_path)).read_manifest()
+    again = ResumeSession(str(tmp_path)).read_manifest()
     assert again['finished'] == [[0, 'm']] and [f['name'] for f in again['files']] == files[::2]
     states = store.load_states(again)
     assert torch.equal(states[1]['state_dict']['m.alpha'], _state(1)['m.alpha'])

@@ -3,6 +3,8 @@ import pytest
 from qdrop_mm.core.unit_cache import GiB
 from qdrop_mm.openmmlab import PTQSettings
 
+from .conftest import REPO
+
 
 def test_cache_options_map_to_policy(tmp_path):
     s = PTQSettings.from_cfg(dict(cache=dict(dtype='float16', host_budget_gb=0.5, device_budget_gb=2)))
@@ -74,3 +76,12 @@ def test_calibration_and_reconstruction_batch_sizes_are_separate():
     assert (s.calibration_batch_size, s.build_method().stages[0].batch_size) == (16, 4)
     with pytest.raises(ValueError, match='ptq.calib_batch_size must be a positive integer, got 0'):
         PTQSettings.from_cfg(dict(calib_batch_size=0))
+
+
+def test_base_config_shows_exactly_the_defaults():
+    """configs/_base_/ptq_qdrop.py shows ptq keys for the reader; each value must be the default."""
+    from mmengine.config import Config
+    from qdrop_mm.openmmlab.settings import CACHE_DEFAULTS
+    ptq = Config.fromfile(f'{REPO}/configs/_base_/ptq_qdrop.py').ptq
+    assert set(ptq) <= set(PTQSettings.__dataclass_fields__) and dict(ptq.cache) == CACHE_DEFAULTS
+    assert PTQSettings.from_cfg(dict(ptq, cache={})) == PTQSettings()
