@@ -160,12 +160,16 @@ def _seed_counts(res: dict, names, bits, key: str) -> str:
     return '/'.join(map(str, counts)) or '0'
 
 
-def table(results: dict, methods, bits) -> str:
-    lines = []
+def _models(results: dict, methods):
+    """(model, its results, headline metric, digits shown, table rows) for every model in ``results``."""
     for model, res in results['models'].items():
         key = metric_key(model, res)
-        digits = 2 if key == 'mIoU' else 3
-        names = row_names(res, methods)
+        yield model, res, key, 2 if key == 'mIoU' else 3, row_names(res, methods)
+
+
+def table(results: dict, methods, bits) -> str:
+    lines = []
+    for model, res, key, digits, names in _models(results, methods):
         lines.append(f"\n{model} ({key}; FP {res['fp'].get(key, float('nan')):.{digits}f}; "
                      f"seeds per cell: {_seed_counts(res, names, bits, key)})")
         lines.append(f"{'method':<34}" + ''.join(f'{"W%dA%d" % wa:>16}' for wa in bits))
@@ -182,10 +186,7 @@ def table(results: dict, methods, bits) -> str:
 def markdown(results: dict, methods, bits) -> str:
     """The same table as `table`, one Markdown table per model, for the README."""
     out = []
-    for model, res in results['models'].items():
-        key = metric_key(model, res)
-        digits = 2 if key == 'mIoU' else 3
-        names = row_names(res, methods)
+    for model, res, key, digits, names in _models(results, methods):
         out += [f"\n**{model}** ({key}, FP {res['fp'].get(key, float('nan')):.{digits}f}; "
                 f"seeds per cell: {_seed_counts(res, names, bits, key)})\n",
                 '| method | ' + ' | '.join('W%dA%d' % wa for wa in bits) + ' | seconds per run |',
