@@ -193,10 +193,11 @@ def markdown(results: dict, methods, bits) -> str:
                 '|---' * (len(bits) + 2) + '|']
         for name in names:
             cells = [cell(res, name, wa, key) for wa in bits]
-            secs = [r['seconds'] for r in res['runs'] if row_name(r) == name and (r['w_bits'], r['a_bits']) in bits]
+            secs = [r['seconds'] for r in res['runs'] if row_name(r) == name and (r['w_bits'], r['a_bits']) in bits
+                    and not r.get('reevaluated')]  # a re-evaluation's seconds are the evaluation's alone
             out.append(f'| {name} | ' + ' | '.join(
                 c.text(digits) + _mark(res, name, c, wa, key) if c is not None else '-'
-                for c, wa in zip(cells, bits)) + f' | {sum(secs) / len(secs):.0f} |')
+                for c, wa in zip(cells, bits)) + (f' | {sum(secs) / len(secs):.0f} |' if secs else ' | - |'))
     return '\n'.join(out)
 
 
