@@ -27,7 +27,7 @@ SETTINGS = dict(iters=2, num_images=1, batch_size=1, w_observer='minmax', a_obse
 def build_stock_model(name: str):
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
-    from tools.coverage import CASES, stock_config_path
+    from qdrop_mm.benchmarks.coverage import CASES, stock_config_path
     case = next(c for c in CASES if c.name == name)
     cfg = Config.fromfile(stock_config_path(case))
     cfg.model.backbone.init_cfg = None

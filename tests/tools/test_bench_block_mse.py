@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools.bench_block_mse import main, parse_method
+from qdrop_mm.benchmarks.block_mse import main, parse_method
 
 
 def test_method_specs_parse_options():

@@ -2,7 +2,7 @@
 
 
 def test_rtmdet_tiny_runs_and_reloads_identically(tmp_path, coco128):
-    from tools.coverage import CASES, format_table, run_case
+    from qdrop_mm.benchmarks.coverage import CASES, format_table, run_case
     case = next(c for c in CASES if c.name == 'rtmdet_tiny')
     row = run_case(case, str(tmp_path), coco128, iters=1, num_images=2, test_images=1)
     assert row.error == '' and row.run_ok and row.reload_identical
@@ -14,7 +14,7 @@ def test_rtmdet_tiny_runs_and_reloads_identically(tmp_path, coco128):
 
 
 def test_dense_head_in_scope_is_reconstructed_through_the_model_forward(tmp_path, coco128):
-    from tools.coverage import CASES, run_case
+    from qdrop_mm.benchmarks.coverage import CASES, run_case
     case = next(c for c in CASES if c.name == 'retinanet_r18')
     row = run_case(case, str(tmp_path), coco128, iters=1, num_images=2, test_images=1,
                    extra_options=("ptq.scope=['backbone','neck','bbox_head']",))
@@ -25,7 +25,7 @@ def test_dense_head_in_scope_is_reconstructed_through_the_model_forward(tmp_path
 
 
 def test_roi_head_in_scope_is_one_error_line(tmp_path, coco128):
-    from tools.coverage import CASES, run_case
+    from qdrop_mm.benchmarks.coverage import CASES, run_case
     case = next(c for c in CASES if c.name == 'faster_rcnn_r50')
     row = run_case(case, str(tmp_path), coco128, iters=1, num_images=2, test_images=1,
                    extra_options=("ptq.scope=['backbone','neck','roi_head']",))
