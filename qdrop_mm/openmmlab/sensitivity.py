@@ -28,9 +28,9 @@ from qdrop_mm.core.bit_budget import act_bit_counts, average_bits, merge_counts,
 from qdrop_mm.core.sensitivity import measure_sensitivity
 
 from .atomic_io import atomic_write, atomic_write_json
-from .block_plan import plan_model
-from .calibration import build_calibration_batches, feature_forward, num_images, split_batches
-from .ptq_loop import _CheckpointFitHook
+from .block_plan import plan_model, scope_paths
+from .calibration import build_calibration_batches, calibration_forward, feature_forward, num_images, split_batches
+from .ptq_loop import _CheckpointFitHook, check_head_scope
 from .registry import LOOPS
 from .report import format_bits, plain_metrics, unit_bits
 from .report_plots import SENSITIVITY_FILE, write_sensitivity_plot
@@ -193,14 +193,16 @@ class SensitivityLoop(TestLoop):
         for name in (SENSITIVITY_JSON, SENSITIVITY_FILE, MIXED_PRECISION_CONFIG):  # never an earlier run's result
             if osp.exists(osp.join(work_dir, name)):
                 os.unlink(osp.join(work_dir, name))
-        units, held_out = self._quantize_rtn()
+        units, held_out, forward = self._quantize_rtn()
+        outputs = 'extract_feat outputs' if forward is feature_forward else 'raw head outputs (model._forward)'
+
         def progress(i: int, n: int, name: str, err: float) -> None:
-            logger.info(f'unit {i}/{n} {name} alone quantized: relative feature error {err:.4e}')
-        sens = measure_sensitivity(self.model, units, held_out, feature_forward, progress)
+            logger.info(f'unit {i}/{n} {name} alone quantized: relative error of the {outputs} {err:.4e}')
+        sens = measure_sensitivity(self.model, units, held_out, forward, progress)
         rows = [{'name': u.name, 'kind': u.kind, **unit_bits(u), 'rel_error': sens.unit_errors[u.name],
                  'num_weights': sum(weight_bit_counts(u.module).values())} for u in units]
         report: Dict[str, Any] = {
-            'measure': 'relative feature error ||F_q - F||^2 / ||F||^2 over the extract_feat outputs, '
+            'measure': f'relative feature error ||F_q - F||^2 / ||F||^2 over the {outputs}, '
                        'only this unit quantized (RTN)',
             'num_calibration_images': settings.num_images, 'num_eval_images': num_images(held_out),
             'all_units': {'rel_error': sens.all_units_error}, 'metric': None}
@@ -223,9 +225,15 @@ class SensitivityLoop(TestLoop):
                     + (f', {MIXED_PRECISION_CONFIG}' if report['mixed_precision_config'] else ''))
         return report
 
-    def _quantize_rtn(self) -> Tuple[List[Unit], List[dict]]:
-        """Calibration and held-out batches, the block plan (like PTQLoop), calibrated activation steps."""
+    def _quantize_rtn(self) -> Tuple[List[Unit], List[dict], Any]:
+        """Held-out batches, the block plan (like PTQLoop), calibrated activation steps, and the forward that
+        reaches every unit in scope (the model's own forward when heads are in it)."""
         logger, settings, model = self.runner.logger, self.settings, self.model
+        try:
+            check_head_scope(model, settings)
+            forward = calibration_forward(scope_paths(model, settings.scope))
+        except ValueError as err:
+            raise PTQConfigError(str(err)) from None
         seed_everything(settings.seed)
         wanted = dataclasses.replace(settings, num_images=settings.num_images + self.eval_images)
         try:
@@ -237,13 +245,13 @@ class SensitivityLoop(TestLoop):
         calib, held_out = split_batches(batches, settings.num_images)
         model.eval()
         try:
-            plan = plan_model(model, settings, lambda: feature_forward(model, calib[0]))
+            plan = plan_model(model, settings, lambda: forward(model, calib[0]))
         except ValueError as err:
             raise PTQConfigError(str(err)) from None
         logger.info(f'sensitivity: {len(plan.units)} units, RTN W{settings.w_bits}A{settings.a_bits}; calibrating '
                     f'activations on {num_images(calib)} images, measuring on {num_images(held_out)} held-out images')
-        calibrate_activations(model, calib, feature_forward)
-        return plan.units, held_out
+        calibrate_activations(model, calib, forward)
+        return plan.units, held_out, forward
 
     def _write_outputs(self, report: Dict[str, Any]) -> None:
         """sensitivity.png, the mixed-precision config (when something is suggested), sensitivity.json."""

@@ -137,3 +137,25 @@ def test_too_few_images_names_the_held_out_ones(fp_checkpoint, coco128, tmp_path
         main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path), '--eval-images', '1000',
               '--cfg-options', *data_options(coco128)])
     assert str(exc.value).startswith('error: ptq.num_images=1004') and '--eval-images 1000 held-out' in str(exc.value)
+
+
+def test_heads_in_scope_are_measured_through_the_model_forward(fp_checkpoint, coco128, tmp_path):
+    from tools.sensitivity import main
+    report = main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path), '--eval-images', '1',
+                   '--cfg-options', *data_options(coco128), 'ptq.num_images=2',
+                   "ptq.scope=['neck.fpn_convs','rpn_head']"])
+    names = [r['name'] for r in report['units']]
+    assert len(names) == 4 + 3 and sum(n.startswith('rpn_head.') for n in names) == 3  # rpn_conv, rpn_cls, rpn_reg
+    # a two-stage detector's raw outputs are the RoI head's, on the proposals of that run: the RPN units
+    # move them; an FPN level no proposal of the held-out image maps to may leave them exactly unchanged
+    assert all(r['rel_error'] > 0 for r in report['units'] if r['name'].startswith('rpn_head.'))
+    assert all(r['rel_error'] >= 0 for r in report['units']) and report['all_units']['rel_error'] > 0
+    assert 'raw head outputs' in report['measure']
+
+
+def test_roi_head_in_scope_is_one_error_line(fp_checkpoint, coco128, tmp_path):
+    from tools.sensitivity import main
+    with pytest.raises(SystemExit) as exc:
+        main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path), '--eval-images', '1',
+              '--cfg-options', *data_options(coco128), 'ptq.num_images=2', "ptq.scope=['roi_head']"])
+    assert str(exc.value).startswith("error: ptq.scope entry 'roi_head' is (in) a RoI head")
