@@ -205,12 +205,8 @@ def plot(results: dict, methods, bits, path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    models = list(results['models'])
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        res = results['models'][model]
-        key = metric_key(model, res)
-        names = row_names(res, methods)
+    fig, axes = plt.subplots(1, len(results['models']), figsize=(5 * len(results['models']), 3.5), squeeze=False)
+    for ax, (model, res, key, _, names) in zip(axes[0], _models(results, methods)):
         width = 0.8 / max(len(names), 1)
         for i, name in enumerate(names):
             cells = [cell(res, name, wa, key) for wa in bits]
@@ -238,9 +234,7 @@ def curves(res: dict, wa: tuple, key: str) -> dict:
 def curve_table(results: dict, wa: tuple) -> str:
     """Accuracy against iterations per unit; each point's gain over RTN as a share of the longest run's gain."""
     lines = []
-    for model, res in results['models'].items():
-        key = metric_key(model, res)
-        digits = 2 if key == 'mIoU' else 3
+    for model, res, key, digits, _ in _models(results, ()):
         rtn = cell(res, 'rtn', wa, key)
         for name, points in curves(res, wa, key).items():
             lines.append(f"\n{model} W{wa[0]}A{wa[1]} {name} ({key}; FP {res['fp'].get(key, float('nan')):.{digits}f}"
@@ -258,14 +252,13 @@ def plot_curves(results: dict, wa: tuple, path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    models = [m for m, res in results['models'].items() if curves(res, wa, metric_key(m, res))]
+    models = [(model, res, key, curves(res, wa, key)) for model, res, key, _, _ in _models(results, ())]
+    models = [m for m in models if m[3]]
     if not models:
         return
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        res = results['models'][model]
-        key = metric_key(model, res)
-        for name, points in curves(res, wa, key).items():
+    for ax, (model, res, key, model_curves) in zip(axes[0], models):
+        for name, points in model_curves.items():
             ax.errorbar([p[0] for p in points], [p[1].mean for p in points], yerr=[p[1].std for p in points],
                         marker='o', capsize=2, label=name)
         rtn = cell(res, 'rtn', wa, key)
