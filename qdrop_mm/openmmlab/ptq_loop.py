@@ -45,8 +45,8 @@ from qdrop_mm.core.sensitivity import quantized_error
 
 from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
 from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
-from .calibration import (build_calibration_batches, calibration_forward, check_dataset_paths, feature_forward,
-                          images_for_this_rank, num_images, split_batches)
+from .calibration import (FEATURE_MODULES, build_calibration_batches, calibration_forward, check_dataset_paths,
+                          feature_forward, images_for_this_rank, num_images, split_batches)
 from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
 from .prediction_tail import PREDICTION_SOURCE, UnsupportedHeadError, select_predict_fn
 from .registry import LOOPS
@@ -115,14 +115,9 @@ def drop_weight_swapping_hooks(runner) -> List[str]:
     return removed
 
 
-def check_head_scope(model: torch.nn.Module, settings: PTQSettings) -> None:
-    """Heads in ``ptq.scope`` are reconstructed through the model's forward; two cases cannot be.
-
-    A RoI head's input are the features of the proposals, and those depend on the quantized RPN: the FP
-    and quantized passes crop different boxes, so there is no FP target for the quantized input. PD-Quant
-    replaces a unit's output and runs the rest of the network to the predictions: only for backbone/neck.
-    """
-    paths = scope_paths(model, settings.scope)
+def check_roi_head_scope(model: torch.nn.Module, paths: Sequence[str]) -> None:
+    """No scope path in a RoI head: its input are the features of the proposals, and those depend on the
+    quantized RPN, so the FP and quantized passes crop different boxes and the quantized input has no FP target."""
     try:
         from mmdet.models.roi_heads import BaseRoIHead
     except ImportError:  # an mmseg-only install: no RoI heads
@@ -134,7 +129,15 @@ def check_head_scope(model: torch.nn.Module, settings: PTQSettings) -> None:
             raise PTQConfigError(f'ptq.scope entry {path!r} is (in) a RoI head: its inputs are the features of '
                                  f'proposals that change when the RPN is quantized, so they have no FP target; '
                                  f'quantize backbone, neck and dense heads (e.g. rpn_head) instead')
-    heads = [p for p in paths if p.split('.')[0] not in ('backbone', 'neck')]
+
+
+def check_head_scope(model: torch.nn.Module, settings: PTQSettings) -> None:
+    """Heads in ``ptq.scope`` are reconstructed through the model's forward; two cases cannot be: RoI heads
+    (:func:`check_roi_head_scope`) and PD-Quant, which replaces a unit's output and runs the rest of the
+    network to the predictions: only for backbone/neck units."""
+    paths = scope_paths(model, settings.scope)
+    check_roi_head_scope(model, paths)
+    heads = [p for p in paths if p.split('.')[0] not in FEATURE_MODULES]
     if heads and settings.build_method().prediction is not None:
         raise PTQConfigError(f'ptq.method={settings.method} reconstructs backbone and neck units only (its loss runs '
                              f'the heads from a unit\'s output); remove {heads} from ptq.scope or use another method')

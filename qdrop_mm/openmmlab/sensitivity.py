@@ -30,7 +30,7 @@ from qdrop_mm.core.sensitivity import measure_sensitivity
 from .atomic_io import atomic_write, atomic_write_json
 from .block_plan import plan_model, scope_paths
 from .calibration import build_calibration_batches, calibration_forward, feature_forward, num_images, split_batches
-from .ptq_loop import _CheckpointFitHook, check_head_scope
+from .ptq_loop import _CheckpointFitHook, check_roi_head_scope
 from .registry import LOOPS
 from .report import format_bits, plain_metrics, unit_bits
 from .report_plots import SENSITIVITY_FILE, write_sensitivity_plot
@@ -230,8 +230,9 @@ class SensitivityLoop(TestLoop):
         reaches every unit in scope (the model's own forward when heads are in it)."""
         logger, settings, model = self.runner.logger, self.settings, self.model
         try:
-            check_head_scope(model, settings)
-            forward = calibration_forward(scope_paths(model, settings.scope))
+            paths = scope_paths(model, settings.scope)
+            check_roi_head_scope(model, paths)  # RTN only: PD-Quant's limit on heads does not apply
+            forward = calibration_forward(paths)
         except ValueError as err:
             raise PTQConfigError(str(err)) from None
         seed_everything(settings.seed)

@@ -139,10 +139,11 @@ def test_too_few_images_names_the_held_out_ones(fp_checkpoint, coco128, tmp_path
     assert str(exc.value).startswith('error: ptq.num_images=1004') and '--eval-images 1000 held-out' in str(exc.value)
 
 
-def test_heads_in_scope_are_measured_through_the_model_forward(fp_checkpoint, coco128, tmp_path):
+@pytest.mark.parametrize('method', ['qdrop', 'pdquant'])  # the analysis is RTN: PD-Quant's limit on heads is moot
+def test_heads_in_scope_are_measured_through_the_model_forward(fp_checkpoint, coco128, tmp_path, method):
     from tools.sensitivity import main
     report = main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path), '--eval-images', '1',
-                   '--cfg-options', *data_options(coco128), 'ptq.num_images=2',
+                   '--cfg-options', *data_options(coco128), 'ptq.num_images=2', f'ptq.method={method}',
                    "ptq.scope=['neck.fpn_convs','rpn_head']"])
     names = [r['name'] for r in report['units']]
     assert len(names) == 4 + 3 and sum(n.startswith('rpn_head.') for n in names) == 3  # rpn_conv, rpn_cls, rpn_reg
