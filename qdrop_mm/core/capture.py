@@ -6,7 +6,8 @@ stopped as soon as the module's input is seen.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -14,14 +15,51 @@ from torch import Tensor, nn
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
+@dataclass(frozen=True)
+class CallArgs:
+    """What a unit is called with besides its input tensor: plain values only (a transformer block's
+    ``hw_shape``), kept per cache entry since they follow the image size."""
+
+    args: Tuple[Any, ...] = ()
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, module: nn.Module, x: Tensor) -> Any:
+        """``module(x, *args, **kwargs)``."""
+        return module(x, *self.args, **self.kwargs)
+
+
+NO_ARGS = CallArgs()
+Sink = Callable[[Tensor, CallArgs], None]
+
+
 class _StopForward(Exception):
     pass
 
 
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
+
+
+def call_args_of(module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Tensor, CallArgs]:
+    """Split a call into its one input tensor and the plain values beside it; TypeError for more tensors."""
+    if not args or not isinstance(args[0], Tensor) or _holds_tensor(args[1:]) or _holds_tensor(kwargs):
+        raise TypeError(f'{type(module).__name__}: a reconstruction unit must take exactly one tensor input '
+                        f'(other arguments plain values), got {len(args)} positional and {len(kwargs)} '
+                        f'keyword arguments')
+    return args[0], (CallArgs(tuple(args[1:]), dict(kwargs)) if len(args) > 1 or kwargs else NO_ARGS)
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, module: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn,
-                   sink: Callable[[Tensor], None], calls: int = 1) -> int:
-    """Hand the input tensor of ``module`` for every batch, in order, to ``sink``; returns how many.
+                   sink: Sink, calls: int = 1) -> int:
+    """Hand the input tensor of ``module`` and its other arguments for every batch, in order, to ``sink``;
+    returns how many.
 
     ``calls``: how often the forward calls ``module`` per batch (a dense head's conv shared by the
     pyramid levels: once per level); every call's input is one entry, and the forward stops after the
@@ -31,18 +69,16 @@ def capture_inputs(model: nn.Module, module: nn.Module, batches: Iterable[Any], 
     count = 0
     seen = 0
 
-    def hook(_mod: nn.Module, args: tuple) -> None:
+    def hook(mod: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
         nonlocal count, seen
-        if len(args) != 1 or not isinstance(args[0], Tensor):
-            raise TypeError(f'{type(_mod).__name__}: a reconstruction unit must take exactly one tensor input, '
-                            f'got {len(args)} positional arguments')
+        x, call = call_args_of(mod, args, kwargs)
         count += 1
         seen += 1
-        sink(args[0].detach())
+        sink(x.detach(), call)
         if seen == calls:
             raise _StopForward
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
             seen = 0

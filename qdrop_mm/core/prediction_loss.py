@@ -257,7 +257,7 @@ class PredictionTerm:
             if it % self.cfg.pd_interval:
                 return None
             i = int(torch.randint(0, len(cache), ()).item())
-            out = unit(cache.x_q.get(i, self.device))
+            out = cache.call_args[i](unit, cache.x_q.get(i, self.device))
             return self.cfg.pd_weight * self._tail_difference(unit, i, out, stage)
         return term
 
@@ -268,7 +268,8 @@ class PredictionTerm:
         total = 0.0
         with quant_state(unit, weight=True, act=stage.act_quant, drop_prob=1.0):
             for i in range(n):
-                total += self._tail_difference(unit, i, unit(cache.x_q.get(i, self.device)), stage).item()
+                out = cache.call_args[i](unit, cache.x_q.get(i, self.device))
+                total += self._tail_difference(unit, i, out, stage).item()
         return total / n
 
     def input_correction(self, name: str) -> Optional[InputCorrection]:

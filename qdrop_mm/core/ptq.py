@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .capture import ForwardFn, capture_inputs
+from .capture import CallArgs, ForwardFn, capture_inputs
 from .lsq import LSQActQuantizer
 from .methods import MethodConfig, StageConfig
 from .quant_state import act_quantizers, quant_state
@@ -132,14 +132,24 @@ def build_unit_cache(model: nn.Module, unit: nn.Module, batches: Sequence[Any], 
     """
     device = next(unit.buffers()).device
     cache = UnitCache(policy, device)
-    sink = cache.x_fp.append if correct_fp_input is None else lambda x: cache.x_fp.append(correct_fp_input(x))
+
+    def fp_sink(x: Tensor, call: CallArgs) -> None:
+        cache.x_fp.append(x if correct_fp_input is None else correct_fp_input(x))
+        cache.call_args.append(call)
+
+    def q_sink(x: Tensor, call: CallArgs) -> None:
+        if call != cache.call_args[len(cache.x_q)]:
+            raise RuntimeError(f'{type(unit).__name__} was called with other arguments on the quantized path '
+                               f'({call}) than on the FP path ({cache.call_args[len(cache.x_q)]})')
+        cache.x_q.append(x)
+
     with quant_state(model, weight=False, act=False):
-        capture_inputs(model, unit, batches, forward_fn, sink=sink, calls=calls)
+        capture_inputs(model, unit, batches, forward_fn, sink=fp_sink, calls=calls)
     with quant_state(model, weight=True, act=stage.act_quant, drop_prob=1.0):
-        capture_inputs(model, unit, batches, forward_fn, sink=cache.x_q.append, calls=calls)
+        capture_inputs(model, unit, batches, forward_fn, sink=q_sink, calls=calls)
     with quant_state(unit, weight=False, act=False):
-        for i in range(len(cache.x_fp)):
-            cache.target.append(unit(cache.x_fp.get(i, device)))
+        for i, call in enumerate(cache.call_args):
+            cache.target.append(call(unit, cache.x_fp.get(i, device)))
     cache.finalize()
     return cache
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .capture import ForwardFn, capture_inputs
+from .capture import CallArgs, ForwardFn, capture_inputs
 from .distributed import all_reduce_sum_
 from .lsq import LSQActQuantizer
 from .method_hooks import MethodHooks
@@ -91,8 +91,8 @@ class Compensated(nn.Module):
         self.compensation = conv
         self.compensation_stride.copy_(torch.tensor(stride))
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.unit(x)
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        y = self.unit(x, *args, **kwargs)
         if self.active:
             y = y + self.compensation(x)
         if self.out_quantizer is not None:
@@ -221,9 +221,10 @@ def _pixel_rows(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def _capture(model: nn.Module, unit: nn.Module, batch: Any, forward_fn: ForwardFn, calls: int) -> List[Tensor]:
-    got: List[Tensor] = []
-    capture_inputs(model, unit, [batch], forward_fn, sink=got.append, calls=calls)
+def _capture(model: nn.Module, unit: nn.Module, batch: Any, forward_fn: ForwardFn, calls: int
+             ) -> List[Tuple[Tensor, CallArgs]]:
+    got: List[Tuple[Tensor, CallArgs]] = []
+    capture_inputs(model, unit, [batch], forward_fn, sink=lambda x, call: got.append((x, call)), calls=calls)
     return got
 
 
@@ -273,10 +274,11 @@ def fit_compensation(model: nn.Module, wrapper: Compensated, batches: Sequence[A
     stride: Optional[Tuple[int, int]] = None
     for i, batch in enumerate(batches):
         with quant_state(model, weight=False, act=False):
-            targets = [wrapper(x) for x in _capture(model, wrapper, batch, forward_fn, calls)]
+            targets = [call(wrapper, x) for x, call in _capture(model, wrapper, batch, forward_fn, calls)]
         with quant_state(model, weight=True, act=True, drop_prob=1.0):
-            x_qs = _capture(model, wrapper, batch, forward_fn, calls)
-            bases = [wrapper.unit(x) for x in x_qs]
+            got = _capture(model, wrapper, batch, forward_fn, calls)
+            x_qs = [x for x, _ in got]
+            bases = [call(wrapper.unit, x) for x, call in got]
         for x_q, base, target in zip(x_qs, bases, targets):
             if not folds:
                 stride = _unit_stride(x_q, base)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import fused
 from .adaround import RoundingRegularizer
+from .capture import CallArgs
 from .distributed import all_reduce_mean_, world_size
 from .lsq import clamp_steps
 from .methods import StageConfig
@@ -84,8 +85,8 @@ def unit_errors(unit: nn.Module, cache: UnitCache, device: torch.device, act_qua
     ref = torch.zeros((), dtype=torch.float64, device=device)
     with quant_state(unit, weight=True, act=act_quant, drop_prob=1.0):
         for i in range(len(cache)):
-            _, x_q, target = cache.entry(i, device)
-            diff = unit(x_q) - target
+            _, x_q, target, call = cache.entry(i, device)
+            diff = call(unit, x_q) - target
             mse += diff.pow(2).sum(1).mean()
             err += diff.pow(2).sum()
             ref += target.pow(2).sum()
@@ -142,9 +143,11 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
     fast = all(q.fused for q in wqs + aqs)  # the unit's quantizers say which implementation runs
     compile_kernels = all(q.compiled for q in wqs + aqs)
 
-    def loss_and_backward(fwd: Callable[[Tensor], Tensor], x: Tensor, target: Tensor, it: int, first: bool):
+    def loss_and_backward(fwd: Callable[..., Tensor], x: Tensor, target: Tensor, call: CallArgs, it: int,
+                          first: bool):
         """Backward of this batch's share of the step's loss; the step-wide terms ride on its first batch."""
-        rec = fused.output_mse(fwd(x), target, compile_kernels) if fast else output_mse(fwd(x), target)
+        y = call(fwd, x)
+        rec = fused.output_mse(y, target, compile_kernels) if fast else output_mse(y, target)
         loss = rec / k if k > 1 else rec
         if first:
             round_term = reg(it, wqs) if w_opt is not None else None
@@ -156,23 +159,23 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
         loss.backward()
         return rec, loss
 
-    def draw_batches() -> List[Tuple[Tensor, Tensor]]:
-        """The step's k (mixed input, target) batches."""
+    def draw_batches() -> List[Tuple[Tensor, Tensor, CallArgs]]:
+        """The step's k (mixed input, target, call arguments) batches."""
         batches = []
         for _ in range(k):
-            x_fp, x_q, target = cache.sample(stage.batch_size, device)
+            x_fp, x_q, target, call = cache.sample(stage.batch_size, device)
             x = fused.mix_inputs(x_fp, x_q, keep, compile_kernels) if fast else mix_inputs(x_fp, x_q, keep)
-            batches.append((x, target))
+            batches.append((x, target, call))
         return batches
 
-    def step_gradients(fwd: Callable[[Tensor], Tensor], batches: List[Tuple[Tensor, Tensor]], it: int):
+    def step_gradients(fwd: Callable[..., Tensor], batches: List[Tuple[Tensor, Tensor, CallArgs]], it: int):
         """Fresh gradients of one optimiser step; returns (last batch's MSE, the step's loss)."""
         for opt in (w_opt, a_opt):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
         total = None
-        for micro, (x, target) in enumerate(batches):
-            rec, loss = loss_and_backward(fwd, x, target, it, micro == 0)
+        for micro, (x, target, call) in enumerate(batches):
+            rec, loss = loss_and_backward(fwd, x, target, call, it, micro == 0)
             total = loss.detach() if total is None else total + loss.detach()
         return rec, total
 
@@ -283,8 +286,8 @@ def _hardened_probe_mse(unit: nn.Module, cache: UnitCache, device: torch.device,
             total = 0.0
             n = min(PROBE_ENTRIES, len(cache))
             for i in range(n):
-                _, x_q, target = cache.entry(i, device)
-                total += output_mse(unit(x_q), target).item()
+                _, x_q, target, call = cache.entry(i, device)
+                total += output_mse(call(unit, x_q), target).item()
     finally:
         for q, m in zip(wqs, modes):
             q.mode = m

@@ -14,10 +14,12 @@ import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .capture import NO_ARGS, CallArgs
 
 GiB = 2 ** 30
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -133,8 +135,19 @@ class TensorStore:
         return {tuple(self.load(i).shape) for i in range(len(self))} if self.in_memory() else {None}
 
 
+class Entry(NamedTuple):
+    """One cached batch of a unit: FP input, quantized-path input, FP target, and the unit's other call
+    arguments (``call(unit, x)`` runs the unit as the network did)."""
+
+    x_fp: Tensor
+    x_q: Tensor
+    target: Tensor
+    call: CallArgs = NO_ARGS
+
+
 class UnitCache:
-    """Per calibration batch: x_fp, x_q and target (see the module docstring for storage).
+    """Per calibration batch: x_fp, x_q, target and the call's other arguments (see the module docstring
+    for storage).
 
     When every entry has the same shape and sits where training runs (on the
     device, or anywhere in memory on a CPU run), the cache is sampled row-wise
@@ -151,12 +164,13 @@ class UnitCache:
         self.x_fp = TensorStore('x_fp', self.tiers)
         self.x_q = TensorStore('x_q', self.tiers)
         self.target = TensorStore('target', self.tiers)
+        self.call_args: List[CallArgs] = []
         self._stacked: Optional[Tuple[Tensor, Tensor, Tensor]] = None
         self._pool: Optional[ThreadPoolExecutor] = None
         self._next: Optional[Tuple[int, Future]] = None
         self._pending: Optional[int] = None
         self._copy_stream = None
-        self._next_copy: Optional[Tuple[int, Tuple[Tensor, ...], object]] = None
+        self._next_copy: Optional[Tuple[int, Entry, object]] = None
 
     @classmethod
     def from_tensors(cls, x_fp: List[Tensor], x_q: List[Tensor], target: List[Tensor],
@@ -166,17 +180,19 @@ class UnitCache:
             cache.x_fp.append(a)
             cache.x_q.append(b)
             cache.target.append(c)
+            cache.call_args.append(NO_ARGS)
         cache.finalize()
         return cache
 
     def finalize(self) -> None:
         """Check consistency and prepare sampling; call once all entries are added."""
-        if not (len(self.x_fp) == len(self.x_q) == len(self.target)) or not len(self.x_fp):
-            raise ValueError('x_fp, x_q and target must be non-empty and of equal length')
+        if not (len(self.x_fp) == len(self.x_q) == len(self.target) == len(self.call_args)) or not len(self.x_fp):
+            raise ValueError('x_fp, x_q, target and call_args must be non-empty and of equal length')
         stores = (self.x_fp, self.x_q, self.target)
         local = all(s.on_device() for s in stores) or (
             self.tiers.device.type == 'cpu' and all(s.in_memory() for s in stores))
-        if local and len(self.x_fp.shapes()) == 1 and len(self.target.shapes()) == 1:
+        same_call = all(c == self.call_args[0] for c in self.call_args)
+        if local and same_call and len(self.x_fp.shapes()) == 1 and len(self.target.shapes()) == 1:
             self._stacked = tuple(s.stack() for s in stores)
 
     def __len__(self) -> int:
@@ -188,16 +204,17 @@ class UnitCache:
     def usage(self) -> Dict[str, int]:
         return dict(self.tiers.used, peak_in_memory=self.tiers.peak_in_memory)
 
-    def entry(self, i: int, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
-        return self.x_fp.get(i, device), self.x_q.get(i, device), self.target.get(i, device)
+    def entry(self, i: int, device: torch.device) -> Entry:
+        return Entry(self.x_fp.get(i, device), self.x_q.get(i, device), self.target.get(i, device), self.call_args[i])
 
-    def sample(self, batch_size: Optional[int], device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
-        """One training batch (x_fp, x_q, target) on ``device``, always float32."""
+    def sample(self, batch_size: Optional[int], device: torch.device) -> Entry:
+        """One training batch on ``device``, tensors always float32."""
         if self._stacked is not None and batch_size is not None:
             rows = self._stacked[0]
             idx = torch.randint(0, rows.shape[0], (batch_size,), device=rows.device)
             # index_select: one copy of the rows (t[idx] takes the slower advanced-indexing path, 8x on CPU)
-            return tuple(t.index_select(0, idx).to(device, torch.float32, non_blocking=True) for t in self._stacked)
+            return Entry(*(t.index_select(0, idx).to(device, torch.float32, non_blocking=True)
+                           for t in self._stacked), self.call_args[0])
         if self._pending is None:
             self._pending = self._draw()
         i, self._pending = self._pending, self._draw()
@@ -210,9 +227,10 @@ class UnitCache:
         current = self._next if self._next is not None and self._next[0] == i else \
             (i, self._pool.submit(self.entry, i, torch.device('cpu')))
         self._next = (self._pending, self._pool.submit(self.entry, self._pending, torch.device('cpu')))
-        return tuple(t.to(device) for t in current[1].result())
+        got = current[1].result()
+        return Entry(got.x_fp.to(device), got.x_q.to(device), got.target.to(device), got.call)
 
-    def _copied_ahead(self, i: int, device: torch.device) -> Tuple[Tensor, ...]:
+    def _copied_ahead(self, i: int, device: torch.device) -> Entry:
         """Entry i from pinned host memory, copied on a side stream; the next entry's copy starts now."""
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device)
@@ -221,11 +239,11 @@ class UnitCache:
         self._next_copy = self._start_copy(self._pending, device)
         compute = torch.cuda.current_stream(device)
         compute.wait_event(current[2])
-        for t in current[1]:
+        for t in current[1][:3]:
             t.record_stream(compute)
         return current[1]
 
-    def _start_copy(self, i: int, device: torch.device) -> Tuple[int, Tuple[Tensor, ...], object]:
+    def _start_copy(self, i: int, device: torch.device) -> Tuple[int, Entry, object]:
         with torch.cuda.stream(self._copy_stream):
             tensors = self.entry(i, device)
             event = torch.cuda.Event()
@@ -245,4 +263,5 @@ class UnitCache:
         self._stacked = None
         for s in (self.x_fp, self.x_q, self.target):
             s._items.clear()
+        self.call_args.clear()
         self.tiers.cleanup()

@@ -2,9 +2,11 @@
 mmseg, incl. dilated ResNetV1c), MobileNetV2 inverted residuals, mmcv
 ConvModule / DepthwiseSeparableConvModule, FPN, CSPNeXt/CSPDarknet (CSP layers
 with their bottlenecks, SPP), YOLOX/CSPNeXt PAFPN, the HRNet stem, and the
-transformer parts of Swin and MiT: patch embedding/merging, window attention,
-``nn.MultiheadAttention`` (q/k/v/out projections quantized), FFN / MixFFN as
-block units. Transformer linears get activation quantizers at their inputs.
+transformer parts of Swin and MiT: patch embedding/merging, each transformer
+block (attention + FFN, called with ``hw_shape``) as one block unit, and on their
+own window attention, ``nn.MultiheadAttention`` (q/k/v/out projections
+quantized) and FFN / MixFFN. Transformer linears get activation quantizers at
+their inputs.
 Importing this module registers them.
 """
 from __future__ import annotations
@@ -210,8 +212,10 @@ def _hrnet(backbone: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     return backbone
 
 
-def _multihead_attention(mha: nn.MultiheadAttention, path: str, ctx: PlanContext) -> nn.Module:
-    """nn.MultiheadAttention → QuantMultiheadAttention; each projection a layer unit with a quantized input.
+def _multihead_attention(mha: nn.MultiheadAttention, path: str, ctx: PlanContext, as_units: bool = True
+                         ) -> nn.Module:
+    """nn.MultiheadAttention → QuantMultiheadAttention; each projection (a layer unit unless ``as_units`` is
+    False: part of an enclosing block unit) with a quantized input.
 
     q/k/v outputs (the attention matmul inputs) are quantized; the output projection's output stays FP
     (it joins the residual stream).
@@ -219,19 +223,20 @@ def _multihead_attention(mha: nn.MultiheadAttention, path: str, ctx: PlanContext
     def projection(name: str, linear: nn.Linear) -> nn.Module:
         p = f'{path}.{name}'
         layer = ctx.layer(p, linear, quantize_output=name != 'out_proj', quantize_input=True)
-        return ctx.add_unit(p, layer, 'layer')
+        return ctx.add_unit(p, layer, 'layer') if as_units else layer
     try:
         return QuantMultiheadAttention(mha, projection)
     except ValueError as err:
         raise UnsupportedModuleError(f'{path}: {err}') from None
 
 
-def _window_msa(attn: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
-    """Swin WindowMSA in place: qkv (quantized input and output) and proj (quantized input) as layer units."""
+def _window_msa(attn: nn.Module, path: str, ctx: PlanContext, as_units: bool = True) -> nn.Module:
+    """Swin WindowMSA in place: qkv (quantized input and output) and proj (quantized input), layer units
+    unless ``as_units`` is False."""
     for name, out in (('qkv', True), ('proj', False)):
         p = f'{path}.{name}'
         layer = ctx.layer(p, _plain(getattr(attn, name), p), quantize_output=out, quantize_input=True)
-        setattr(attn, name, ctx.add_unit(p, layer, 'layer'))
+        setattr(attn, name, ctx.add_unit(p, layer, 'layer') if as_units else layer)
     return attn
 
 
@@ -281,14 +286,30 @@ def _patch_merging(pm: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     return pm
 
 
-def _efficient_mha(attn: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+def _efficient_mha(attn: nn.Module, path: str, ctx: PlanContext, as_units: bool = True) -> nn.Module:
     """MiT EfficientMultiheadAttention: the spatial-reduction conv (FP output, a LayerNorm follows) and the
-    attention (its projections quantize their inputs)."""
+    attention (its projections quantize their inputs); layer units unless ``as_units`` is False."""
     if getattr(attn, 'sr_ratio', 1) > 1:
         p = f'{path}.sr'
-        attn.sr = ctx.add_unit(p, ctx.layer(p, _plain(attn.sr, p), quantize_output=False), 'layer')
-    attn.attn = _multihead_attention(attn.attn, f'{path}.attn', ctx)
+        sr = ctx.layer(p, _plain(attn.sr, p), quantize_output=False)
+        attn.sr = ctx.add_unit(p, sr, 'layer') if as_units else sr
+    attn.attn = _multihead_attention(attn.attn, f'{path}.attn', ctx, as_units)
     return attn
+
+
+def _swin_block(block: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """Swin block in place as one block unit: window attention and FFN, called with (x, hw_shape)."""
+    _window_msa(block.attn.w_msa, f'{path}.attn.w_msa', ctx, as_units=False)
+    block.ffn.layers = _mlp(block.ffn.layers, f'{path}.ffn.layers', ctx)
+    return ctx.add_unit(path, block, 'block')
+
+
+def _mit_layer(layer: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """MiT TransformerEncoderLayer in place as one block unit: efficient attention and MixFFN, called with
+    (x, hw_shape)."""
+    _efficient_mha(layer.attn, f'{path}.attn', ctx, as_units=False)
+    layer.ffn.layers = _mlp(layer.ffn.layers, f'{path}.ffn.layers', ctx)
+    return ctx.add_unit(path, layer, 'block')
 
 
 _DEPTHWISE_SEPARABLE: Optional[type] = None
@@ -332,10 +353,11 @@ def register_openmmlab_rules() -> None:
         register_rule(SPPBottleneck)(_spp_bottleneck)
         register_rule(YOLOXPAFPN, CSPNeXtPAFPN)(_pafpn)
         register_rule(HRNet)(_hrnet)
-        from mmdet.models.backbones.swin import WindowMSA
+        from mmdet.models.backbones.swin import SwinBlock, WindowMSA
         from mmdet.models.layers.transformer.utils import PatchEmbed as DetPatchEmbed
         from mmdet.models.layers.transformer.utils import PatchMerging as DetPatchMerging
         register_rule(WindowMSA)(_window_msa)
+        register_rule(SwinBlock)(_swin_block)
         register_rule(DetPatchEmbed)(_patch_embed)
         register_rule(DetPatchMerging)(_patch_merging)
     except ImportError:
@@ -350,10 +372,13 @@ def register_openmmlab_rules() -> None:
         register_rule(SegInvertedResidual)(_mmseg_inverted_residual)
         from mmseg.models.backbones.hrnet import HRNet as SegHRNet
         register_rule(SegHRNet)(_hrnet)
-        from mmseg.models.backbones.mit import EfficientMultiheadAttention, MixFFN
+        from mmseg.models.backbones.mit import EfficientMultiheadAttention, MixFFN, TransformerEncoderLayer
+        from mmseg.models.backbones.swin import SwinBlock as SegSwinBlock
         from mmseg.models.backbones.swin import WindowMSA as SegWindowMSA
         register_rule(MixFFN)(_ffn)
         register_rule(EfficientMultiheadAttention)(_efficient_mha)
+        register_rule(TransformerEncoderLayer)(_mit_layer)
+        register_rule(SegSwinBlock)(_swin_block)
         from mmseg.models.utils.embed import PatchEmbed as SegPatchEmbed
         from mmseg.models.utils.embed import PatchMerging as SegPatchMerging
         register_rule(SegWindowMSA)(_window_msa)

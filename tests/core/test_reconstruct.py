@@ -7,6 +7,7 @@ from qdrop_mm.core import (NonFiniteLossError, PTQCallbacks, StageConfig, UnitCa
                            output_mse, quant_state, reconstruct_unit, run_ptq, weight_quantizers)
 from qdrop_mm.core.ptq import build_unit_cache, calibrate_activations
 from qdrop_mm.core.reconstruct import mix_inputs
+from qdrop_mm.core.unit_cache import Entry
 from qdrop_mm.core.toy_network import make_toy_setup, quantize_toy_net, toy_forward
 
 
@@ -175,14 +176,14 @@ class _SequentialCache:
         return len(self.xs)
 
     def entry(self, i, device):
-        return self.xs[i], self.xs[i], self.targets[i]
+        return Entry(self.xs[i], self.xs[i], self.targets[i])
 
     def sample(self, batch_size, device):
         n = batch_size // self.piece
         idx = [(self.pos + j) % len(self.xs) for j in range(n)]
         self.pos += n
         x, t = torch.cat([self.xs[i] for i in idx]), torch.cat([self.targets[i] for i in idx])
-        return x, x, t
+        return Entry(x, x, t)
 
 
 def test_gradient_accumulation_equals_one_large_batch():

@@ -25,9 +25,9 @@ def test_float32_exact_and_float16_halves_bytes():
     exact = UnitCache.from_tensors(xs, xs, xs)
     half = UnitCache.from_tensors(xs, xs, xs, CachePolicy(dtype='float16'))
     assert half.num_bytes() * 2 == exact.num_bytes() == 3 * sum(x.numel() * 4 for x in xs)
-    a, b, c = exact.entry(2, torch.device('cpu'))
+    a, b, c, _ = exact.entry(2, torch.device('cpu'))
     assert torch.equal(a, xs[2])
-    h, _, _ = half.entry(2, torch.device('cpu'))
+    h, _, _, _ = half.entry(2, torch.device('cpu'))
     assert h.dtype == torch.float32 and (h - xs[2]).abs().max() < 2e-3
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from qdrop_mm.core import QuantLayer, run_ptq
+from qdrop_mm.core import QuantLayer, run_ptq, weight_quantizers
 from qdrop_mm.core.qattention import QuantMultiheadAttention
 from qdrop_mm.openmmlab import PTQSettings
 from qdrop_mm.openmmlab.block_plan import plan_model, scope_paths
@@ -130,28 +130,37 @@ def test_dino_groupnorm_neck_stays_fp_between_layer_and_quantizer(tmp_path):
     assert plan.fp_layers == [] and bn_in_scope(model) == 0
 
 
-def test_swin_ffn_blocks_and_mmcv_linear_quantized(tmp_path):
+def test_swin_blocks_are_units_with_attention_ffn_and_mmcv_linear_quantized(tmp_path):
     plan, model = quantize_and_reload('mask_rcnn_swin_t', tmp_path)
     assert plan.fp_layers == [] and bn_in_scope(model) == 0
-    # 12 Swin blocks: FFN as a block unit each; qkv + proj per block, patch embedding, 3 patch mergings, 8 FPN convs
-    assert counts(plan) == (12, 1 + 24 + 3 + 8)
-    ffn = model.backbone.stages[0].blocks[0].ffn.layers
+    # 12 Swin blocks (window attention + FFN, called with hw_shape) as block units; patch embedding,
+    # 3 patch mergings and 8 FPN convs as layers
+    assert counts(plan) == (12, 1 + 3 + 8)
+    block = model.backbone.stages[0].blocks[1]
+    assert next(u for u in plan.units if u.module is block).name == 'backbone.stages.0.blocks.1'
+    ffn = block.ffn.layers
     first, second = ffn[0][0], ffn[1]  # mmcv's Linear wrapper, quantized like nn.Linear
     assert isinstance(first, QuantLayer) and isinstance(second, QuantLayer)
     assert first.input_quantizer is not None and first.act_quantizer is not None  # after GELU
     assert second.act_quantizer is None  # joins the residual stream in FP
-    assert model.backbone.stages[0].blocks[0].attn.w_msa.qkv.input_quantizer is not None
+    qkv, proj = block.attn.w_msa.qkv, block.attn.w_msa.proj
+    assert qkv.input_quantizer is not None and qkv.act_quantizer is not None  # q, k, v: the matmul inputs
+    assert proj.input_quantizer is not None and proj.act_quantizer is None
+    assert weight_quantizers(block) and all(q.mode == 'hard' for q in weight_quantizers(block))
 
 
-def test_segformer_attention_projections_quantized(tmp_path):
+def test_segformer_layers_are_units_with_attention_projections_quantized(tmp_path):
     plan, model = quantize_and_reload('segformer_b0', tmp_path)
     assert plan.fp_layers == [] and scope_paths(model, PTQSettings().scope) == ('backbone',)
-    attn = model.backbone.layers[0][1][0].attn.attn
+    layer = model.backbone.layers[0][1][0]
+    attn = layer.attn.attn
     assert isinstance(attn, QuantMultiheadAttention)
     assert all(getattr(attn, n).input_quantizer is not None for n in ('q_proj', 'k_proj', 'v_proj', 'out_proj'))
-    # 8 transformer layers: MixFFN as a block unit each; q/k/v/out per layer, 4 patch embeddings and the
-    # spatial-reduction convs of the 6 layers in stages 1-3 (sr_ratios 8, 4, 2, 1)
-    assert counts(plan) == (8, 8 * 4 + 4 + 6)
+    assert isinstance(layer.attn.sr, QuantLayer)  # spatial reduction (sr_ratio 8) inside the unit
+    # 8 transformer layers (efficient attention + MixFFN, called with hw_shape) as block units; the
+    # 4 patch embeddings as layers
+    assert counts(plan) == (8, 4)
+    assert next(u for u in plan.units if u.module is layer).kind == 'block'
 
 
 def test_override_or_scope_matching_nothing_is_an_error():
