@@ -140,6 +140,7 @@ def write_case_config(case: Case, work_dir: str, data_root: str, test_images: in
     stock = stock_config_path(case)
     base = Config.fromfile(stock)
     root = osp.abspath(data_root) + '/'
+    work_dir = osp.abspath(work_dir)  # the segmentation lists are ann_files: a relative one would be under data_root
     os.makedirs(work_dir, exist_ok=True)
     loader = dict(_delete_=True, batch_size=1, num_workers=0, persistent_workers=False,
                   sampler=dict(type='DefaultSampler', shuffle=False))

@@ -32,3 +32,17 @@ def test_roi_head_in_scope_is_one_error_line(tmp_path, coco128):
     assert not row.run_ok and '\n' not in row.error
     assert row.error.startswith("error: ptq.scope entry 'roi_head' is (in) a RoI head: its inputs are the features "
                                 "of proposals that change when the RPN is quantized")
+
+
+def test_segmentation_lists_are_found_with_a_relative_work_dir(tmp_path, coco128, monkeypatch):
+    """The default --work-dir is relative; mmseg reads a relative ann_file under data_root, so the lists must be absolute."""
+    import os.path as osp
+
+    from mmengine.config import Config
+    from qdrop_mm.benchmarks.coverage import CASES, write_case_config
+    monkeypatch.chdir(tmp_path)
+    case = next(c for c in CASES if c.name == 'fast_scnn')
+    cfg = Config.fromfile(write_case_config(case, 'work_dirs/coverage', coco128, test_images=1))
+    for loader in (cfg.train_dataloader, cfg.test_dataloader):
+        ann_file = loader.dataset.ann_file
+        assert osp.isabs(ann_file) and osp.isfile(ann_file) and open(ann_file).read().split()
