@@ -1,7 +1,8 @@
 """Rules for OpenMMLab module types: ResNet/ResNeXt blocks and stems (mmdet and
 mmseg, incl. dilated ResNetV1c), MobileNetV2 inverted residuals, mmcv
 ConvModule / DepthwiseSeparableConvModule, FPN, CSPNeXt/CSPDarknet (CSP layers
-with their bottlenecks, SPP), YOLOX/CSPNeXt PAFPN, the HRNet stem, and the
+with their bottlenecks, SPP), YOLOX/CSPNeXt PAFPN, RoI box heads (ConvFCBBoxHead),
+the HRNet stem, and the
 transformer parts of Swin and MiT: patch embedding/merging, each transformer
 block (attention + FFN, called with ``hw_shape``) as one block unit, and on their
 own window attention, ``nn.MultiheadAttention`` (q/k/v/out projections
@@ -194,6 +195,25 @@ def _pafpn(neck: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     return neck
 
 
+def _conv_fc_bbox_head(head: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """RoI box head (ConvFCBBoxHead: Shared2FC, Shared4Conv1FC) in place: its convs (ConvModule rule) and its
+    fcs with their ReLU as layer units with quantized outputs; the class and box predictors as layer units
+    with FP outputs (they are the head's outputs)."""
+    for name in ('shared_convs', 'cls_convs', 'reg_convs'):
+        ctx.convert_children(getattr(head, name), f'{path}.{name}')
+    for name in ('shared_fcs', 'cls_fcs', 'reg_fcs'):
+        fcs = getattr(head, name)
+        for i, fc in enumerate(fcs):
+            p = f'{path}.{name}.{i}'
+            fcs[i] = ctx.add_unit(p, ctx.layer(p, _plain(fc, p), activation=nn.ReLU()), 'layer')
+    for name in ('fc_cls', 'fc_reg'):
+        fc = getattr(head, name, None)
+        if fc is not None:
+            p = f'{path}.{name}'
+            setattr(head, name, ctx.add_unit(p, ctx.layer(p, _plain(fc, p), quantize_output=False), 'layer'))
+    return head
+
+
 def _hrnet(backbone: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     """HRNet: the two stem convs with their BNs folded, then the rest through the walker.
 
@@ -341,6 +361,8 @@ def register_openmmlab_rules() -> None:
         register_rule(ResNet)(_resnet_stem)
         register_rule(InvertedResidual)(_mmdet_inverted_residual)
         register_rule(FPN)(_fpn)
+        from mmdet.models.roi_heads.bbox_heads import ConvFCBBoxHead
+        register_rule(ConvFCBBoxHead)(_conv_fc_bbox_head)
     except ImportError:
         pass
     try:

@@ -129,10 +129,54 @@ def model_forward(model: nn.Module, batch: dict) -> Any:
 FEATURE_MODULES = ('backbone', 'neck')
 
 
-def calibration_forward(scope: Sequence[str]) -> Any:
-    """``feature_forward`` when every scope path lies in the backbone or neck (extract_feat runs them), else
-    ``model_forward``: heads in scope see their inputs through the model's own forward."""
-    return feature_forward if all(p.split('.')[0] in FEATURE_MODULES for p in scope) else model_forward
+class FixedProposalForward:
+    """``model_forward`` of a two-stage detector whose RoI head crops, for each batch, the FP network's proposals.
+
+    A RoI head's input is the features at the RPN's proposals, and quantizing the network moves them: the FP
+    and the quantized pass would crop different boxes and the RoI head's quantized inputs would have no FP
+    target. The proposals of every batch are computed once here, with every quantizer off, and both passes
+    crop those. Returns the RPN's raw outputs (its units are captured as usual) and the RoI head's.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[dict]) -> None:
+        from qdrop_mm.core import quant_state
+        self._batches = list(batches)  # keeps the ids below unique
+        self._proposals: Dict[int, Any] = {}
+        with torch.no_grad(), quant_state(model, weight=False, act=False):
+            for batch in self._batches:
+                data = model.data_preprocessor(batch, False)
+                x = model.extract_feat(data['inputs'])
+                self._proposals[id(batch)] = model.rpn_head.predict(x, data['data_samples'], rescale=False)
+
+    def __call__(self, model: nn.Module, batch: dict) -> Any:
+        if id(batch) not in self._proposals:
+            raise KeyError('FixedProposalForward: a batch it was not built with (no FP proposals for it)')
+        data = model.data_preprocessor(batch, False)
+        x = model.extract_feat(data['inputs'])
+        return model.rpn_head(x), model.roi_head.forward(x, self._proposals[id(batch)], data['data_samples'])
+
+
+def roi_head_of(model: nn.Module, path: str) -> Optional[nn.Module]:
+    """The mmdet RoI head that ``path`` is or lies in, else None."""
+    try:
+        from mmdet.models.roi_heads import BaseRoIHead
+    except ImportError:  # an mmseg-only install: no RoI heads
+        return None
+    parts = path.split('.')
+    owners = [model.get_submodule('.'.join(parts[:i])) for i in range(1, len(parts) + 1)]
+    return next((m for m in owners if isinstance(m, BaseRoIHead)), None)
+
+
+def calibration_forward(model: nn.Module, scope: Sequence[str], batches: Sequence[dict]) -> Any:
+    """How calibration and capture drive ``model`` over a batch: ``feature_forward`` when every scope path lies
+    in the backbone or neck (extract_feat runs them); with a RoI head in scope of a detector with an RPN,
+    :class:`FixedProposalForward` over ``batches`` (call it on the FP model); else ``model_forward``: heads
+    in scope see their inputs through the model's own forward."""
+    if all(p.split('.')[0] in FEATURE_MODULES for p in scope):
+        return feature_forward
+    if getattr(model, 'with_rpn', False) and any(roi_head_of(model, p) is not None for p in scope):
+        return FixedProposalForward(model, batches)
+    return model_forward
 
 
 def num_images(batches: List[dict]) -> int:

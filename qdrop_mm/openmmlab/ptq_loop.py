@@ -46,7 +46,7 @@ from qdrop_mm.core.sensitivity import quantized_error
 from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
 from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
 from .calibration import (FEATURE_MODULES, build_calibration_batches, calibration_forward, check_dataset_paths,
-                          feature_forward, images_for_this_rank, num_images, split_batches)
+                          feature_forward, images_for_this_rank, num_images, roi_head_of, split_batches)
 from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
 from .prediction_tail import PREDICTION_SOURCE, UnsupportedHeadError, select_predict_fn
 from .registry import LOOPS
@@ -116,24 +116,25 @@ def drop_weight_swapping_hooks(runner) -> List[str]:
 
 
 def check_roi_head_scope(model: torch.nn.Module, paths: Sequence[str]) -> None:
-    """No scope path in a RoI head: its input are the features of the proposals, and those depend on the
-    quantized RPN, so the FP and quantized passes crop different boxes and the quantized input has no FP target."""
+    """RoI heads in scope must take their boxes from the RPN alone (:class:`~.calibration.FixedProposalForward`
+    fixes those): a cascade's later stages crop boxes the earlier stages regressed, which move when those
+    are quantized, so their inputs have no FP target."""
     try:
-        from mmdet.models.roi_heads import BaseRoIHead
+        from mmdet.models.roi_heads import StandardRoIHead
     except ImportError:  # an mmseg-only install: no RoI heads
-        BaseRoIHead = ()
+        return
     for path in paths:
-        parts = path.split('.')
-        owners = [model.get_submodule('.'.join(parts[:i])) for i in range(1, len(parts) + 1)]
-        if BaseRoIHead and any(isinstance(m, BaseRoIHead) for m in owners):
-            raise PTQConfigError(f'ptq.scope entry {path!r} is (in) a RoI head: its inputs are the features of '
-                                 f'proposals that change when the RPN is quantized, so they have no FP target; '
-                                 f'quantize backbone, neck and dense heads (e.g. rpn_head) instead')
+        head = roi_head_of(model, path)
+        if head is not None and not isinstance(head, StandardRoIHead):
+            raise PTQConfigError(f'ptq.scope entry {path!r} is (in) a {type(head).__name__}: its later stages crop '
+                                 f'the boxes its earlier stages regress, which move when quantized, so their inputs '
+                                 f'have no FP target; only single-stage RoI heads (StandardRoIHead: Faster/Mask '
+                                 f'R-CNN) can be in ptq.scope')
 
 
 def check_head_scope(model: torch.nn.Module, settings: PTQSettings) -> None:
-    """Heads in ``ptq.scope`` are reconstructed through the model's forward; two cases cannot be: RoI heads
-    (:func:`check_roi_head_scope`) and PD-Quant, which replaces a unit's output and runs the rest of the
+    """Heads in ``ptq.scope`` are reconstructed through the model's forward; two cases cannot be: cascade RoI
+    heads (:func:`check_roi_head_scope`) and PD-Quant, which replaces a unit's output and runs the rest of the
     network to the predictions: only for backbone/neck units."""
     paths = scope_paths(model, settings.scope)
     check_roi_head_scope(model, paths)
@@ -280,7 +281,7 @@ class PTQLoop(TestLoop):
         hooks = method.build_hooks(PREDICTION_SOURCE)
         for hook in hooks:
             hook.prepare(model)
-        forward = calibration_forward(scope_paths(model, settings.scope))
+        forward = calibration_forward(model, scope_paths(model, settings.scope), batches)
         try:
             self.plan = plan_model(model, settings, lambda: forward(model, batches[0]))
         except ValueError as err:

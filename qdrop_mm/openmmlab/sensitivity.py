@@ -232,7 +232,6 @@ class SensitivityLoop(TestLoop):
         try:
             paths = scope_paths(model, settings.scope)
             check_roi_head_scope(model, paths)  # RTN only: PD-Quant's limit on heads does not apply
-            forward = calibration_forward(paths)
         except ValueError as err:
             raise PTQConfigError(str(err)) from None
         seed_everything(settings.seed)
@@ -245,6 +244,7 @@ class SensitivityLoop(TestLoop):
                                  f'lower either)') from None
         calib, held_out = split_batches(batches, settings.num_images)
         model.eval()
+        forward = calibration_forward(model, paths, calib + held_out)
         try:
             plan = plan_model(model, settings, lambda: forward(model, calib[0]))
         except ValueError as err:

@@ -154,9 +154,12 @@ def test_heads_in_scope_are_measured_through_the_model_forward(fp_checkpoint, co
     assert 'raw head outputs' in report['measure']
 
 
-def test_roi_head_in_scope_is_one_error_line(fp_checkpoint, coco128, tmp_path):
+def test_roi_head_in_scope_is_measured_on_the_fp_proposals(fp_checkpoint, coco128, tmp_path):
     from tools.sensitivity import main
-    with pytest.raises(SystemExit) as exc:
-        main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path), '--eval-images', '1',
-              '--cfg-options', *data_options(coco128), 'ptq.num_images=2', "ptq.scope=['roi_head']"])
-    assert str(exc.value).startswith("error: ptq.scope entry 'roi_head' is (in) a RoI head")
+    report = main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path), '--eval-images', '1',
+                   '--cfg-options', *data_options(coco128), 'ptq.num_images=2', "ptq.scope=['rpn_head','roi_head']"])
+    rows = {r['name']: r['rel_error'] for r in report['units']}
+    assert sorted(rows) == ['roi_head.bbox_head.fc_cls', 'roi_head.bbox_head.fc_reg', 'roi_head.bbox_head.shared_fcs.0',
+                            'roi_head.bbox_head.shared_fcs.1', 'rpn_head.rpn_cls', 'rpn_head.rpn_conv', 'rpn_head.rpn_reg']
+    # outputs: the RPN's raw outputs and the RoI head's on the FP proposals: every unit moves them
+    assert all(err > 0 for err in rows.values()) and report['all_units']['rel_error'] > 0

@@ -24,14 +24,24 @@ def test_dense_head_in_scope_is_reconstructed_through_the_model_forward(tmp_path
     assert int(row.compared.split()[0]) > 0
 
 
-def test_roi_head_in_scope_is_one_error_line(tmp_path, coco128):
+def test_roi_head_in_scope_is_reconstructed_through_the_model_forward(tmp_path, coco128):
     from qdrop_mm.benchmarks.coverage import CASES, run_case
     case = next(c for c in CASES if c.name == 'faster_rcnn_r50')
     row = run_case(case, str(tmp_path), coco128, iters=1, num_images=2, test_images=1,
+                   extra_options=("ptq.scope=['backbone','neck','rpn_head','roi_head']",))
+    assert row.error == '' and row.run_ok and row.reload_identical
+    # 16 blocks; stem + 8 FPN layers, 3 RPN layers, the box head's 2 shared fcs, fc_cls and fc_reg
+    assert (row.blocks, row.layers, row.fp_layers) == (16, 9 + 3 + 4, 0)
+
+
+def test_cascade_roi_head_in_scope_is_one_error_line(tmp_path, coco128):
+    from qdrop_mm.benchmarks.coverage import CASES, run_case
+    case = next(c for c in CASES if c.name == 'cascade_rcnn_r50')
+    row = run_case(case, str(tmp_path), coco128, iters=1, num_images=2, test_images=1,
                    extra_options=("ptq.scope=['backbone','neck','roi_head']",))
     assert not row.run_ok and '\n' not in row.error
-    assert row.error.startswith("error: ptq.scope entry 'roi_head' is (in) a RoI head: its inputs are the features "
-                                "of proposals that change when the RPN is quantized")
+    assert row.error.startswith("error: ptq.scope entry 'roi_head' is (in) a CascadeRoIHead: its later stages crop "
+                                "the boxes its earlier stages regress")
 
 
 def test_segmentation_lists_are_found_with_a_relative_work_dir(tmp_path, coco128, monkeypatch):
