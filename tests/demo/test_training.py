@@ -106,13 +106,15 @@ def test_train_publish_reload_and_cache(tmp_path, monkeypatch):
     assert fourth["cached"] is False and fourth["iterations"] == ITERS + 1  # another config trains
 
 
-def test_the_shipped_demo_model_matches_the_demo_config():
+@pytest.mark.parametrize("name", ["faster_rcnn_r18_fpn_shapes", "retinanet_r18_fpn_shapes", "sem_fpn_r18_shapes"])
+def test_the_shipped_demo_models_match_their_demo_configs(name):
     from qdrop_mm.demo.training import SHIPPED_DIR, config_digest
-    cfg = load_demo_config(FRCNN)
-    record = json.loads((SHIPPED_DIR / FRCNN.stem / "fp_metrics.json").read_text())
-    published = load_published_weights(SHIPPED_DIR / FRCNN.stem / "fp_model.pth")
+    config = REPO / "configs" / "demo" / f"{name}.py"
+    cfg = load_demo_config(config)
+    record = json.loads((SHIPPED_DIR / name / "fp_metrics.json").read_text())
+    published = load_published_weights(SHIPPED_DIR / name / "fp_model.pth")
     assert record["config_digest"] == published["meta"]["config_digest"] == config_digest(cfg)
-    assert record["training_command"] == f"python tools/train_demo.py configs/demo/{FRCNN.name} --threads 1"
+    assert record["training_command"] == f"python tools/train_demo.py configs/demo/{config.name} --threads 1"
     assert set(published["state_dict"]) == set(build_fp_model(cfg).state_dict())
 
 
