@@ -132,3 +132,28 @@ def test_a_unit_called_with_hw_shape_is_reconstructed_with_each_entry_s_argument
     result = run_ptq(net, [Unit('block', net.block, kind='block')], batches, _forward, method)
     rec = result.records[0].result
     assert rec.iters == 200 and rec.loss_after < 0.8 * rec.loss_before
+
+
+def test_qwt_wraps_a_unit_called_with_hw_shape_and_leaves_tokens_uncompensated(one_thread):
+    """QwT's wrapper passes the plain arguments through; tokens are no NCHW map, so no compensation is fitted."""
+    from qdrop_mm.core import PTQCallbacks
+    from qdrop_mm.core.qwt import Compensated
+
+    class Recorder(PTQCallbacks):
+        def __init__(self) -> None:
+            super().__init__()
+            self.not_possible = []
+
+        def compensation_not_possible(self, unit) -> None:
+            self.not_possible.append(unit.name)
+
+    net = _quantized_token_net()
+    batches = [torch.randn(4, 3, 8, 12) for _ in range(4)]
+    cb = Recorder()
+    result = run_ptq(net, [Unit('block', net.block, kind='block')], batches, _forward,
+                     build_method('qdrop_qwt', iters=50, batch_size=4), cb)
+    assert isinstance(net.block, Compensated) and net.block.compensation is None
+    assert cb.not_possible == ['block'] and result.records[0].result.iters == 50
+    x = torch.randn(2, 24, 8)
+    with torch.no_grad():
+        assert torch.equal(net.block(x, (4, 6), scale=0.5), net.block.unit(x, (4, 6), scale=0.5))
