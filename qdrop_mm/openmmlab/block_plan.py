@@ -66,6 +66,7 @@ class PlanContext:
     layer_paths: List[str] = field(default_factory=list)
     unfolded_norms: List[Tuple[str, str]] = field(default_factory=list)
     input_layer: Optional[str] = None
+    enclosing: Optional[str] = None  # the block unit being built by block_unit: rules inside it declare none
 
     def layer(self, path: str, layer: nn.Module, bn: Optional[nn.Module] = None,
               activation: Optional[nn.Module] = None, quantize_output: bool = True,
@@ -97,8 +98,20 @@ class PlanContext:
         return self.settings.bits_for(path, first_layer=False)[1]
 
     def add_unit(self, path: str, module: nn.Module, kind: str) -> nn.Module:
-        self.units.append(Unit(path, module, kind))
+        """Declare ``module`` a reconstruction unit; inside :meth:`block_unit` it is part of that unit instead."""
+        if self.enclosing is None:
+            self.units.append(Unit(path, module, kind))
         return module
+
+    def block_unit(self, module: nn.Module, path: str) -> nn.Module:
+        """``module`` as one block unit: its children are converted by their own rules, whose units it absorbs
+        (e.g. a transformer block: attention and FFN reconstructed together)."""
+        outer, self.enclosing = self.enclosing, path
+        try:
+            self.convert_children(module, path)
+        finally:
+            self.enclosing = outer
+        return self.add_unit(path, module, 'block')
 
     def convert_children(self, module: nn.Module, path: str) -> None:
         for name, child in list(module.named_children()):

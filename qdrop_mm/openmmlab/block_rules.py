@@ -232,10 +232,8 @@ def _hrnet(backbone: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     return backbone
 
 
-def _multihead_attention(mha: nn.MultiheadAttention, path: str, ctx: PlanContext, as_units: bool = True
-                         ) -> nn.Module:
-    """nn.MultiheadAttention → QuantMultiheadAttention; each projection (a layer unit unless ``as_units`` is
-    False: part of an enclosing block unit) with a quantized input.
+def _multihead_attention(mha: nn.MultiheadAttention, path: str, ctx: PlanContext) -> nn.Module:
+    """nn.MultiheadAttention → QuantMultiheadAttention; each projection a layer unit with a quantized input.
 
     q/k/v outputs (the attention matmul inputs) are quantized; the output projection's output stays FP
     (it joins the residual stream).
@@ -243,20 +241,19 @@ def _multihead_attention(mha: nn.MultiheadAttention, path: str, ctx: PlanContext
     def projection(name: str, linear: nn.Linear) -> nn.Module:
         p = f'{path}.{name}'
         layer = ctx.layer(p, linear, quantize_output=name != 'out_proj', quantize_input=True)
-        return ctx.add_unit(p, layer, 'layer') if as_units else layer
+        return ctx.add_unit(p, layer, 'layer')
     try:
         return QuantMultiheadAttention(mha, projection)
     except ValueError as err:
         raise UnsupportedModuleError(f'{path}: {err}') from None
 
 
-def _window_msa(attn: nn.Module, path: str, ctx: PlanContext, as_units: bool = True) -> nn.Module:
-    """Swin WindowMSA in place: qkv (quantized input and output) and proj (quantized input), layer units
-    unless ``as_units`` is False."""
+def _window_msa(attn: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """Swin WindowMSA in place: qkv (quantized input and output) and proj (quantized input) as layer units."""
     for name, out in (('qkv', True), ('proj', False)):
         p = f'{path}.{name}'
         layer = ctx.layer(p, _plain(getattr(attn, name), p), quantize_output=out, quantize_input=True)
-        setattr(attn, name, ctx.add_unit(p, layer, 'layer') if as_units else layer)
+        setattr(attn, name, ctx.add_unit(p, layer, 'layer'))
     return attn
 
 
@@ -306,30 +303,20 @@ def _patch_merging(pm: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     return pm
 
 
-def _efficient_mha(attn: nn.Module, path: str, ctx: PlanContext, as_units: bool = True) -> nn.Module:
+def _efficient_mha(attn: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     """MiT EfficientMultiheadAttention: the spatial-reduction conv (FP output, a LayerNorm follows) and the
-    attention (its projections quantize their inputs); layer units unless ``as_units`` is False."""
+    attention (its projections quantize their inputs)."""
     if getattr(attn, 'sr_ratio', 1) > 1:
         p = f'{path}.sr'
-        sr = ctx.layer(p, _plain(attn.sr, p), quantize_output=False)
-        attn.sr = ctx.add_unit(p, sr, 'layer') if as_units else sr
-    attn.attn = _multihead_attention(attn.attn, f'{path}.attn', ctx, as_units)
+        attn.sr = ctx.add_unit(p, ctx.layer(p, _plain(attn.sr, p), quantize_output=False), 'layer')
+    attn.attn = _multihead_attention(attn.attn, f'{path}.attn', ctx)
     return attn
 
 
-def _swin_block(block: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
-    """Swin block in place as one block unit: window attention and FFN, called with (x, hw_shape)."""
-    _window_msa(block.attn.w_msa, f'{path}.attn.w_msa', ctx, as_units=False)
-    block.ffn.layers = _mlp(block.ffn.layers, f'{path}.ffn.layers', ctx)
-    return ctx.add_unit(path, block, 'block')
-
-
-def _mit_layer(layer: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
-    """MiT TransformerEncoderLayer in place as one block unit: efficient attention and MixFFN, called with
-    (x, hw_shape)."""
-    _efficient_mha(layer.attn, f'{path}.attn', ctx, as_units=False)
-    layer.ffn.layers = _mlp(layer.ffn.layers, f'{path}.ffn.layers', ctx)
-    return ctx.add_unit(path, layer, 'block')
+def _transformer_block(block: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """Swin block / MiT TransformerEncoderLayer in place as one block unit, called with (x, hw_shape): its
+    attention and FFN converted by their rules above."""
+    return ctx.block_unit(block, path)
 
 
 _DEPTHWISE_SEPARABLE: Optional[type] = None
@@ -379,7 +366,7 @@ def register_openmmlab_rules() -> None:
         from mmdet.models.layers.transformer.utils import PatchEmbed as DetPatchEmbed
         from mmdet.models.layers.transformer.utils import PatchMerging as DetPatchMerging
         register_rule(WindowMSA)(_window_msa)
-        register_rule(SwinBlock)(_swin_block)
+        register_rule(SwinBlock)(_transformer_block)
         register_rule(DetPatchEmbed)(_patch_embed)
         register_rule(DetPatchMerging)(_patch_merging)
     except ImportError:
@@ -399,8 +386,7 @@ def register_openmmlab_rules() -> None:
         from mmseg.models.backbones.swin import WindowMSA as SegWindowMSA
         register_rule(MixFFN)(_ffn)
         register_rule(EfficientMultiheadAttention)(_efficient_mha)
-        register_rule(TransformerEncoderLayer)(_mit_layer)
-        register_rule(SegSwinBlock)(_swin_block)
+        register_rule(TransformerEncoderLayer, SegSwinBlock)(_transformer_block)
         from mmseg.models.utils.embed import PatchEmbed as SegPatchEmbed
         from mmseg.models.utils.embed import PatchMerging as SegPatchMerging
         register_rule(SegWindowMSA)(_window_msa)
