@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os.path as osp
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import ConfigDict
 from mmengine.runner import Runner
-from torch import nn
+from torch import Tensor, nn
 
 from .settings import PTQConfigError, PTQSettings
 
@@ -129,31 +131,73 @@ def model_forward(model: nn.Module, batch: dict) -> Any:
 FEATURE_MODULES = ('backbone', 'neck')
 
 
-class FixedProposalForward:
-    """``model_forward`` of a two-stage detector whose RoI head crops, for each batch, the FP network's proposals.
+ROI_CROPS = ('_bbox_forward', '_mask_forward')
 
-    A RoI head's input is the features at the RPN's proposals, and quantizing the network moves them: the FP
-    and the quantized pass would crop different boxes and the RoI head's quantized inputs would have no FP
-    target. The proposals of every batch are computed once here, with every quantizer off, and both passes
-    crop those. Returns the RPN's raw outputs (its units are captured as usual) and the RoI head's.
+
+@contextmanager
+def _crops_through(roi_head: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Within the block, every box/mask crop of ``roi_head`` (its ``_bbox_forward`` / ``_mask_forward`` calls)
+    crops ``fn(rois)`` instead of ``rois``: the instance's methods are shadowed and restored on exit."""
+    def shadow(method):
+        signature = inspect.signature(method)
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.arguments['rois'] = fn(bound.arguments['rois'])
+            return method(*bound.args, **bound.kwargs)
+        return call
+    names = [n for n in ROI_CROPS if 'rois' in inspect.signature(getattr(roi_head, n, lambda: None)).parameters]
+    for name in names:
+        setattr(roi_head, name, shadow(getattr(roi_head, name)))
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(roi_head, name)
+
+
+class FixedProposalForward:
+    """``model_forward`` of a two-stage detector whose RoI head crops, for each batch, the FP network's boxes.
+
+    A RoI head's input is the features at the RPN's proposals (and, in a cascade, at the boxes each stage
+    regresses for the next), and quantizing the network moves them: the FP and the quantized pass would crop
+    different boxes and the RoI head's quantized inputs would have no FP target. The proposals and the RoIs of
+    every box/mask crop are recorded once here, with every quantizer off, and both passes crop those, call by
+    call. Returns the RPN's raw outputs (its units are captured as usual) and the RoI head's.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[dict]) -> None:
         from qdrop_mm.core import quant_state
         self._batches = list(batches)  # keeps the ids below unique
-        self._proposals: Dict[int, Any] = {}
+        self._fixed: Dict[int, Tuple[Any, List[Tensor]]] = {}
         with torch.no_grad(), quant_state(model, weight=False, act=False):
             for batch in self._batches:
                 data = model.data_preprocessor(batch, False)
                 x = model.extract_feat(data['inputs'])
-                self._proposals[id(batch)] = model.rpn_head.predict(x, data['data_samples'], rescale=False)
+                proposals = model.rpn_head.predict(x, data['data_samples'], rescale=False)
+                crops: List[Tensor] = []
+                with _crops_through(model.roi_head, lambda rois: crops.append(rois) or rois):
+                    model.roi_head.forward(x, proposals, data['data_samples'])
+                self._fixed[id(batch)] = (proposals, crops)
 
     def __call__(self, model: nn.Module, batch: dict) -> Any:
-        if id(batch) not in self._proposals:
+        if id(batch) not in self._fixed:
             raise KeyError('FixedProposalForward: a batch it was not built with (no FP proposals for it)')
+        proposals, crops = self._fixed[id(batch)]
+        replay = iter(crops)
+
+        def replayed(rois: Tensor) -> Tensor:
+            fixed = next(replay, None)
+            if fixed is None or fixed.shape != rois.shape:
+                raise RuntimeError('FixedProposalForward: the RoI head crops other boxes than on the FP pass')
+            return fixed
         data = model.data_preprocessor(batch, False)
         x = model.extract_feat(data['inputs'])
-        return model.rpn_head(x), model.roi_head.forward(x, self._proposals[id(batch)], data['data_samples'])
+        with _crops_through(model.roi_head, replayed):
+            out = model.rpn_head(x), model.roi_head.forward(x, proposals, data['data_samples'])
+        if next(replay, None) is not None:
+            raise RuntimeError('FixedProposalForward: the RoI head crops other boxes than on the FP pass')
+        return out
 
 
 def roi_head_of(model: nn.Module, path: str) -> Optional[nn.Module]:

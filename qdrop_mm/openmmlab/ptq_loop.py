@@ -116,25 +116,25 @@ def drop_weight_swapping_hooks(runner) -> List[str]:
 
 
 def check_roi_head_scope(model: torch.nn.Module, paths: Sequence[str]) -> None:
-    """RoI heads in scope must take their boxes from the RPN alone (:class:`~.calibration.FixedProposalForward`
-    fixes those): a cascade's later stages crop boxes the earlier stages regressed, which move when those
-    are quantized, so their inputs have no FP target."""
+    """RoI heads in scope must crop boxes that :class:`~.calibration.FixedProposalForward` can fix to the FP
+    network's: those of a StandardRoIHead (Faster/Mask R-CNN) or a CascadeRoIHead (Cascade R-CNN, HTC), whose
+    every crop goes through ``_bbox_forward`` / ``_mask_forward``."""
     try:
-        from mmdet.models.roi_heads import StandardRoIHead
+        from mmdet.models.roi_heads import CascadeRoIHead, SparseRoIHead, StandardRoIHead
     except ImportError:  # an mmseg-only install: no RoI heads
         return
     for path in paths:
         head = roi_head_of(model, path)
-        if head is not None and not isinstance(head, StandardRoIHead):
-            raise PTQConfigError(f'ptq.scope entry {path!r} is (in) a {type(head).__name__}: its later stages crop '
-                                 f'the boxes its earlier stages regress, which move when quantized, so their inputs '
-                                 f'have no FP target; only single-stage RoI heads (StandardRoIHead: Faster/Mask '
-                                 f'R-CNN) can be in ptq.scope')
+        if head is not None and (not isinstance(head, (StandardRoIHead, CascadeRoIHead))
+                                 or isinstance(head, SparseRoIHead) or not getattr(model, 'with_rpn', False)):
+            raise PTQConfigError(f'ptq.scope entry {path!r} is (in) a {type(head).__name__}: its inputs are '
+                                 f'crops at boxes that only StandardRoIHead / CascadeRoIHead behind an RPN '
+                                 f'let be fixed to the FP network\'s, so they have no FP target here')
 
 
 def check_head_scope(model: torch.nn.Module, settings: PTQSettings) -> None:
-    """Heads in ``ptq.scope`` are reconstructed through the model's forward; two cases cannot be: cascade RoI
-    heads (:func:`check_roi_head_scope`) and PD-Quant, which replaces a unit's output and runs the rest of the
+    """Heads in ``ptq.scope`` are reconstructed through the model's forward; two cases cannot be: RoI heads
+    whose crops cannot be fixed (:func:`check_roi_head_scope`) and PD-Quant, which replaces a unit's output and runs the rest of the
     network to the predictions: only for backbone/neck units."""
     paths = scope_paths(model, settings.scope)
     check_roi_head_scope(model, paths)

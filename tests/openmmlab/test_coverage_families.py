@@ -113,7 +113,13 @@ def test_hrnet_bns_folded(tmp_path):
     plan, model = quantize_and_reload('fcn_hr18s', tmp_path)
     assert bn_in_scope(model) == 0 and plan.fp_layers == []
     assert [u.name for u in plan.units[:2]] == ['backbone.conv1', 'backbone.conv2']
-    assert sum(u.kind == 'block' for u in plan.units) > 0
+    blocks = [u.name for u in plan.units if u.kind == 'block']
+    # fuse paths of two or three stride-2 convs: (2, 0) in 3 stage-3 modules; (2, 0), (3, 0), (3, 1) in 2 stage-4
+    fuse = [n for n in blocks if '.fuse_layers.' in n]
+    assert sorted(fuse) == sorted([f'backbone.stage3.{m}.fuse_layers.2.0' for m in range(3)]
+                                  + [f'backbone.stage4.{m}.fuse_layers.{i}.{j}' for m in range(2)
+                                     for i, j in ((2, 0), (3, 0), (3, 1))])
+    assert counts(plan) == (40 + 9, 61 - 20)  # each path's 2 or 3 layer units are now one block
 
 
 def test_deeplabv3plus_without_neck_default_scope(tmp_path):
@@ -230,3 +236,59 @@ def test_roi_head_units_crop_the_fp_proposals_on_both_passes():
     # the fixed boxes are the FP network's (computed before BN folding: equal up to float rounding)
     assert free_fp.shape == fixed_fp.shape and torch.allclose(free_fp, fixed_fp, atol=1e-3)
     assert free_fp.shape != free_q.shape or not torch.equal(free_fp, free_q)  # what the fix is for
+
+
+def test_cascade_stages_crop_the_fp_boxes_on_both_passes():
+    """A cascade's later stages crop the boxes its earlier stages regress; FixedProposalForward records every
+    stage's FP crops and replays them on the quantized pass, so each stage's box head has FP targets."""
+    from mmdet.structures import DetDataSample
+    from qdrop_mm.core import calibrate_activations, quant_state
+    from qdrop_mm.openmmlab.calibration import FixedProposalForward, calibration_forward, model_forward
+    model = build_stock_model('cascade_rcnn_r50')
+    torch.manual_seed(1)
+    meta = dict(img_shape=(64, 96), ori_shape=(64, 96), scale_factor=(1.0, 1.0))
+    batch = {'inputs': [(torch.rand(3, 64, 96) * 255).to(torch.uint8)], 'data_samples': [DetDataSample(metainfo=meta)]}
+    scope = ['backbone', 'neck', 'roi_head']
+    forward = calibration_forward(model, scope, [batch])
+    assert isinstance(forward, FixedProposalForward)
+    plan = plan_model(model, PTQSettings.from_cfg(dict(SETTINGS, scope=scope)), lambda: forward(model, batch))
+    assert [u.name for u in plan.units if u.name.startswith('roi_head.')] == [
+        f'roi_head.bbox_head.{i}.{fc}' for i in range(3) for fc in ('shared_fcs.0', 'shared_fcs.1', 'fc_cls', 'fc_reg')]
+    calibrate_activations(model, [batch], forward)
+
+    def crops(fwd, quantized):
+        seen = []
+        handles = [e.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+                   for e in model.roi_head.bbox_roi_extractor]
+        try:
+            with torch.no_grad(), quant_state(model, weight=quantized, act=quantized, drop_prob=1.0 if quantized else None):
+                fwd(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+    fixed_fp, fixed_q = crops(forward, False), crops(forward, True)
+    assert len(fixed_fp) == 3 and all(torch.equal(a, b) for a, b in zip(fixed_fp, fixed_q))
+    assert not torch.equal(fixed_fp[0], fixed_fp[2])  # the stages do refine the boxes
+    free_q = crops(model_forward, True)
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(fixed_fp[1:], free_q[1:]))
+    assert '_bbox_forward' not in vars(model.roi_head)  # the shadowing is undone
+
+
+
+def test_a_roi_head_whose_crops_cannot_be_fixed_is_one_error_line():
+    from mmdet.models.roi_heads import BaseRoIHead
+    from qdrop_mm.openmmlab.ptq_loop import check_roi_head_scope
+    from qdrop_mm.openmmlab.settings import PTQConfigError
+
+    class OddRoIHead(BaseRoIHead):
+        init_bbox_head = init_mask_head = init_assigner_sampler = loss = lambda *a, **k: None
+
+        def __init__(self):
+            nn.Module.__init__(self)
+            self.fc = nn.Linear(4, 4)
+    model = build_stock_model('faster_rcnn_r50')
+    check_roi_head_scope(model, ['roi_head.bbox_head'])
+    model.roi_head = OddRoIHead()
+    with pytest.raises(PTQConfigError, match=r"^ptq.scope entry 'roi_head.fc' is \(in\) a OddRoIHead: its inputs"):
+        check_roi_head_scope(model, ['backbone', 'roi_head.fc'])

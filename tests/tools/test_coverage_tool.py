@@ -34,14 +34,14 @@ def test_roi_head_in_scope_is_reconstructed_through_the_model_forward(tmp_path, 
     assert (row.blocks, row.layers, row.fp_layers) == (16, 9 + 3 + 4, 0)
 
 
-def test_cascade_roi_head_in_scope_is_one_error_line(tmp_path, coco128):
+def test_cascade_roi_head_in_scope_is_reconstructed_on_the_fp_boxes(tmp_path, coco128):
     from qdrop_mm.benchmarks.coverage import CASES, run_case
     case = next(c for c in CASES if c.name == 'cascade_rcnn_r50')
     row = run_case(case, str(tmp_path), coco128, iters=1, num_images=2, test_images=1,
                    extra_options=("ptq.scope=['backbone','neck','roi_head']",))
-    assert not row.run_ok and '\n' not in row.error
-    assert row.error.startswith("error: ptq.scope entry 'roi_head' is (in) a CascadeRoIHead: its later stages crop "
-                                "the boxes its earlier stages regress")
+    assert row.error == '' and row.run_ok and row.reload_identical
+    # 16 blocks; stem + 8 FPN layers, and per stage the box head's 2 shared fcs, fc_cls and fc_reg
+    assert (row.blocks, row.layers, row.fp_layers) == (16, 9 + 3 * 4, 0)
 
 
 def test_segmentation_lists_are_found_with_a_relative_work_dir(tmp_path, coco128, monkeypatch):
