@@ -2,7 +2,7 @@
 mmseg, incl. dilated ResNetV1c), MobileNetV2 inverted residuals, mmcv
 ConvModule / DepthwiseSeparableConvModule, FPN, CSPNeXt/CSPDarknet (CSP layers
 with their bottlenecks, SPP), YOLOX/CSPNeXt PAFPN, RoI box heads (ConvFCBBoxHead),
-the HRNet stem, and the
+the HRNet stem and modules (branch blocks, fuse paths), and the
 transformer parts of Swin and MiT: patch embedding/merging, each transformer
 block (attention + FFN, called with ``hw_shape``) as one block unit, and on their
 own window attention, ``nn.MultiheadAttention`` (q/k/v/out projections
@@ -232,6 +232,21 @@ def _hrnet(backbone: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     return backbone
 
 
+def _hr_module(module: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
+    """An HRNet module: branch blocks by their rules; each fuse path (one branch resampled to another's
+    resolution before the sum) is one unit, a block when it stacks several stride-2 convs.
+
+    The module itself is not one unit: it takes and returns a list of tensors, one per branch.
+    """
+    ctx.convert_children(module.branches, f'{path}.branches')
+    for i, row in enumerate(module.fuse_layers or ()):
+        for j, fuse in enumerate(row):
+            p = f'{path}.fuse_layers.{i}.{j}'
+            if fuse is not None:
+                row[j] = ctx.block_unit(fuse, p) if i - j >= 2 else convert(fuse, p, ctx)
+    return module
+
+
 def _multihead_attention(mha: nn.MultiheadAttention, path: str, ctx: PlanContext) -> nn.Module:
     """nn.MultiheadAttention → QuantMultiheadAttention; each projection a layer unit with a quantized input.
 
@@ -354,7 +369,7 @@ def register_openmmlab_rules() -> None:
         pass
     try:
         from mmdet.models.backbones.csp_darknet import SPPBottleneck
-        from mmdet.models.backbones.hrnet import HRNet
+        from mmdet.models.backbones.hrnet import HRModule, HRNet
         from mmdet.models.layers.csp_layer import CSPLayer, CSPNeXtBlock, DarknetBottleneck
         from mmdet.models.necks import CSPNeXtPAFPN, YOLOXPAFPN
         register_rule(CSPLayer)(_csp_layer)
@@ -362,6 +377,7 @@ def register_openmmlab_rules() -> None:
         register_rule(SPPBottleneck)(_spp_bottleneck)
         register_rule(YOLOXPAFPN, CSPNeXtPAFPN)(_pafpn)
         register_rule(HRNet)(_hrnet)
+        register_rule(HRModule)(_hr_module)
         from mmdet.models.backbones.swin import SwinBlock, WindowMSA
         from mmdet.models.layers.transformer.utils import PatchEmbed as DetPatchEmbed
         from mmdet.models.layers.transformer.utils import PatchMerging as DetPatchMerging
@@ -379,8 +395,10 @@ def register_openmmlab_rules() -> None:
         register_rule(SegBasicBlock, SegBottleneck)(_resnet_block)
         register_rule(SegResNet)(_resnet_stem)
         register_rule(SegInvertedResidual)(_mmseg_inverted_residual)
+        from mmseg.models.backbones.hrnet import HRModule as SegHRModule
         from mmseg.models.backbones.hrnet import HRNet as SegHRNet
         register_rule(SegHRNet)(_hrnet)
+        register_rule(SegHRModule)(_hr_module)
         from mmseg.models.backbones.mit import EfficientMultiheadAttention, MixFFN, TransformerEncoderLayer
         from mmseg.models.backbones.swin import SwinBlock as SegSwinBlock
         from mmseg.models.backbones.swin import WindowMSA as SegWindowMSA
