@@ -83,9 +83,12 @@ def build_quantized_model(config: ConfigLike, quantized: str,
 
 def analyze_sensitivity(config: ConfigLike, checkpoint: Optional[str] = None, *, work_dir: Optional[str] = None,
                         cfg_options: Optional[Mapping[str, Any]] = None, eval_images: int = 4, keep_8bit: int = 2,
-                        metric: Optional[str] = None, allow_unsafe_checkpoint: bool = False) -> Dict[str, Any]:
-    """Per-unit RTN sensitivity (feature error, optionally the metric drop); writes sensitivity.json/.png."""
+                        metric: Optional[str] = None, parts: str = 'units', quantized: Optional[str] = None,
+                        allow_unsafe_checkpoint: bool = False) -> Dict[str, Any]:
+    """Per-unit or per-activation-quantizer sensitivity (feature error, optionally the metric drop) of RTN or of
+    the ``quantized`` model; writes sensitivity.json/.png."""
     from .openmmlab import sensitivity  # noqa: F401  (registers qdrop_mm.SensitivityLoop)
     cfg = build_ptq_cfg(config, checkpoint, work_dir, cfg_options, loop='qdrop_mm.SensitivityLoop',
-                        eval_images=eval_images, keep_8bit=keep_8bit, metric=metric)
+                        eval_images=eval_images, keep_8bit=keep_8bit, metric=metric, parts=parts,
+                        quantized=quantized)
     return run_test_loop(cfg, allow_unsafe_checkpoint)[0]

@@ -1,14 +1,16 @@
 """Which units hurt most when quantized? Per-unit sensitivity and a mixed-precision suggestion.
 
     python tools/sensitivity.py configs/faster_rcnn_r50_w2a4.py [--checkpoint CKPT] [--work-dir DIR]
-        [--cfg-options k=v ...] [--eval-images N] [--keep-8bit K] [--metric [KEY]]
+        [--cfg-options k=v ...] [--eval-images N] [--keep-8bit K] [--metric [KEY]] [--parts activations]
+        [--quantized quantized.pth]
 
 Builds the model, calibration batches and block plan like tools/ptq.py, quantizes with RTN at the
 config's bits (nearest rounding, calibrated activation steps), then quantizes one unit at a time and
 measures the relative error of the feature maps (backbone + neck outputs) against FP on --eval-images
 held-out train images. ``--metric`` also runs the config's evaluator for FP, all units and each unit
 alone (units + 2 full evaluations: slow on a real val set; KEY defaults to box mAP / mask mAP / mIoU)
-and ranks by the metric drop. Writes work_dir/sensitivity.json and sensitivity.png, prints the ranked
+and ranks by the metric drop. ``--parts activations`` measures each activation quantizer alone with the
+weights FP; ``--quantized`` analyses a saved quantized model (e.g. QDrop's) instead of RTN. Writes work_dir/sensitivity.json and sensitivity.png, prints the ranked
 table and ``ptq.overrides`` that keep the --keep-8bit most sensitive units at 8-bit weights and
 activations. Problems print ``error: <message>`` and exit with status 1, like tools/ptq.py.
 """
@@ -43,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='how many of the most sensitive units the suggested overrides keep at 8 bits (default 2)')
     p.add_argument('--metric', nargs='?', const='auto', default=None, metavar='KEY',
                    help='also run the evaluator per unit and rank by the drop of KEY (slow: units + 2 evaluations)')
+    p.add_argument('--parts', choices=('units', 'activations'), default='units',
+                   help='what is quantized one at a time: units (default), or each activation quantizer with the '
+                        'weights FP (what every low-bit activation costs)')
+    p.add_argument('--quantized', metavar='PATH',
+                   help='analyse this saved quantized model (quantized.pth of tools/ptq.py, e.g. QDrop) instead of RTN')
     p.add_argument('--allow-unsafe-checkpoint', action='store_true',
                    help='load checkpoints with full unpickling (only for files you trust)')
     return p.parse_args(argv)
@@ -55,7 +62,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     return exit_on_error(analyze_sensitivity, args.config, args.checkpoint, work_dir=args.work_dir,
                          cfg_options=args.cfg_options, eval_images=args.eval_images, keep_8bit=args.keep_8bit,
-                         metric=args.metric, allow_unsafe_checkpoint=args.allow_unsafe_checkpoint)
+                         metric=args.metric, parts=args.parts, quantized=args.quantized,
+                         allow_unsafe_checkpoint=args.allow_unsafe_checkpoint)
 
 
 def console() -> None:

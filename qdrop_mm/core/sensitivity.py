@@ -5,8 +5,9 @@ the measurement only switches them on and off, so it works for RTN as well as fo
 """
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ def output_tensors(outputs: Any) -> List[Tensor]:
 class SensitivityResult:
     """Relative output error ||F_q - F||² / ||F||² summed over all output tensors and batches.
 
-    ``unit_errors``: only that unit's quantizers on; ``all_units_error``: every quantizer on.
+    ``unit_errors``: only that part's quantizers on; ``all_units_error``: the quantizers of every part on.
     """
 
     unit_errors: Dict[str, float] = field(default_factory=dict)
@@ -73,17 +74,31 @@ def quantized_error(model: nn.Module, batches: Sequence[Any], forward_fn: Forwar
 
 
 @torch.no_grad()
-def measure_sensitivity(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], forward_fn: ForwardFn,
+def measure_sensitivity(model: nn.Module, parts: Sequence[Unit], batches: Sequence[Any], forward_fn: ForwardFn,
                         progress: Optional[ProgressFn] = None) -> SensitivityResult:
-    """Output error of ``model`` with each unit quantized alone, and with all quantized, against FP."""
+    """Output error of ``model`` with each part quantized alone, and with all parts quantized, against FP.
+
+    A part is a unit, or any module holding quantizers by a name (e.g. one activation quantizer: its cost
+    with the weights FP); quantizers outside the parts stay off throughout.
+    """
     model.eval()
     result = SensitivityResult()
     reference = fp_outputs(model, batches, forward_fn)
     with quant_state(model, weight=False, act=False):
-        for i, unit in enumerate(units):
-            with quant_state(unit.module, weight=True, act=True, drop_prob=1.0):
-                result.unit_errors[unit.name] = relative_output_error(model, batches, forward_fn, reference)
+        for i, part in enumerate(parts):
+            with quant_state(part.module, weight=True, act=True, drop_prob=1.0):
+                result.unit_errors[part.name] = relative_output_error(model, batches, forward_fn, reference)
             if progress is not None:
-                progress(i + 1, len(units), unit.name, result.unit_errors[unit.name])
-    result.all_units_error = quantized_error(model, batches, forward_fn, reference)
+                progress(i + 1, len(parts), part.name, result.unit_errors[part.name])
+        with all_quantized(parts):
+            result.all_units_error = relative_output_error(model, batches, forward_fn, reference)
     return result
+
+
+@contextmanager
+def all_quantized(parts: Sequence[Unit]) -> Iterator[None]:
+    """Every quantizer of ``parts`` on (no drop) within the block, restored on exit."""
+    with ExitStack() as stack:
+        for part in parts:
+            stack.enter_context(quant_state(part.module, weight=True, act=True, drop_prob=1.0))
+        yield

@@ -1,13 +1,17 @@
-"""Sensitivity analysis: each unit's effect when only it is quantized, and a mixed-precision suggestion.
+"""Sensitivity analysis: each unit's (or activation quantizer's) effect when only it is quantized, and a
+mixed-precision suggestion.
 
 ``SensitivityLoop`` (``type='qdrop_mm.SensitivityLoop'``, run by ``tools/sensitivity.py``) builds the
 calibration batches and the block plan exactly as ``PTQLoop`` does, quantizes with RTN (nearest
-rounding, activation steps calibrated by the config's observer, the config's bits and overrides),
-then for each unit switches on only that unit's quantizers and measures the relative error of the
-feature maps (``extract_feat``: backbone + neck outputs) against FP on held-out calibration images.
-With ``metric`` the config's evaluator also runs once for FP, once fully quantized and once per unit
-(slow: units + 2 full evaluations). The ranking gives ``ptq.overrides`` that keep the ``keep_8bit``
-most sensitive units at 8-bit weights and activations.
+rounding, activation steps calibrated by the config's observer, the config's bits and overrides) or
+loads a saved quantized model (``quantized``: e.g. reconstructed by QDrop), then for each part
+switches on only that part's quantizers and measures the relative error of the feature maps
+(``extract_feat``: backbone + neck outputs) against FP on held-out calibration images. A part is a unit
+(``parts='units'``) or one activation quantizer with every weight FP (``parts='activations'``: what each
+low-bit activation costs on its own). With ``metric`` the config's evaluator also runs once for FP, once
+with every part quantized and once per part (slow: parts + 2 full evaluations). The ranking gives
+``ptq.overrides`` that keep the ``keep_8bit`` most sensitive units (those of the most sensitive
+activations) at 8-bit weights and activations.
 """
 from __future__ import annotations
 
@@ -25,12 +29,13 @@ from mmengine.runner import TestLoop
 
 from qdrop_mm.core import Unit, calibrate_activations, quant_state
 from qdrop_mm.core.bit_budget import act_bit_counts, average_bits, merge_counts, weight_bit_counts
-from qdrop_mm.core.sensitivity import measure_sensitivity
+from qdrop_mm.core.lsq import LSQActQuantizer
+from qdrop_mm.core.sensitivity import all_quantized, measure_sensitivity
 
 from .atomic_io import atomic_write, atomic_write_json
 from .block_plan import plan_model, scope_paths
 from .calibration import build_calibration_batches, calibration_forward, feature_forward, num_images, split_batches
-from .ptq_loop import _CheckpointFitHook, check_roi_head_scope
+from .ptq_loop import _CheckpointFitHook, check_roi_head_scope, rebuild_quantized
 from .registry import LOOPS
 from .report import format_bits, plain_metrics, unit_bits
 from .report_plots import SENSITIVITY_FILE, write_sensitivity_plot
@@ -41,6 +46,7 @@ SENSITIVITY_JSON = 'sensitivity.json'
 MIXED_PRECISION_CONFIG = 'mixed_precision_config.py'
 PREFERRED_METRICS = ('coco/bbox_mAP', 'coco/segm_mAP', 'mIoU')
 KEEP_BITS = 8
+PARTS = {'units': 'unit', 'activations': 'activation quantizer'}
 
 
 def choose_metric(metrics: Dict[str, Any], wanted: str) -> str:
@@ -70,10 +76,11 @@ def rank_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def suggest_overrides(ranked: Sequence[Dict[str, Any]], keep: int, bits: int = KEEP_BITS
                       ) -> Dict[str, Dict[str, int]]:
-    """``ptq.overrides`` entries for the ``keep`` most sensitive units not already at ``bits`` everywhere."""
-    chosen = [r['name'] for r in ranked
-              if not (all(b >= bits for b in r['w_bits']) and all(b >= bits for b in r['a_bits']))][:keep]
-    return {name: {'w_bits': bits, 'a_bits': bits} for name in chosen}
+    """``ptq.overrides`` entries for the ``keep`` most sensitive units not already at ``bits`` everywhere
+    (a row of an activation quantizer names its unit under ``unit``)."""
+    chosen = [r.get('unit', r['name']) for r in ranked
+              if not (all(b >= bits for b in r['w_bits']) and all(b >= bits for b in r['a_bits']))]
+    return {name: {'w_bits': bits, 'a_bits': bits} for name in dict.fromkeys(chosen[:keep])}
 
 
 def overrides_cfg_options(overrides: Dict[str, Dict[str, int]]) -> Dict[str, int]:
@@ -128,7 +135,7 @@ def bits_with_overrides(units: Sequence[Unit], overrides: Dict[str, Dict[str, in
 def format_table(report: Dict[str, Any]) -> str:
     """The ranked units, the all-units error, the suggestion with its average bits."""
     metric = report.get('metric')
-    head = f"{'rank':>4}  {'unit':<36} {'bits':>8} {'weights':>9} {'rel feat err':>12}"
+    head = f"{'rank':>4}  {report['part'][:36]:<36} {'bits':>8} {'weights':>9} {'rel feat err':>12}"
     if metric:
         head += f" {metric[:14]:>14} {'drop':>8}"
     lines = [f"sensitivity ({report['measure']}), {report['num_eval_images']} held-out images:", head]
@@ -138,11 +145,12 @@ def format_table(report: Dict[str, Any]) -> str:
         if metric:
             line += f" {r['metric']:>14.4f} {r['metric_drop']:>8.4f}"
         lines.append(line)
-    lines.append(f"all units quantized: rel feat err {report['all_units']['rel_error']:.4e} (sum of the single-unit "
-                 f"errors {sum(r['rel_error'] for r in report['units']):.4e})")
+    lines.append(f"every {report['part']} quantized: rel feat err {report['all_units']['rel_error']:.4e} (sum of "
+                 f"the single-{report['part']} errors {sum(r['rel_error'] for r in report['units']):.4e})")
     if metric:
-        lines.append(f"{metric}: FP {report['fp']['metric']:.4f}, all units quantized "
-                     f"{report['all_units']['metric']:.4f}")
+        lines.append(f"{metric}: FP {report['fp']['metric']:.4f}, every {report['part']} quantized "
+                     f"{report['all_units']['metric']:.4f} (drop {report['fp']['metric'] - report['all_units']['metric']:.4f}"
+                     f", sum of the single-{report['part']} drops {sum(r['metric_drop'] for r in report['units']):.4f})")
     before, after = report['bits'], report['bits_with_suggestion']
     lines.append(f"keep the {len(report['suggested_overrides'])} most sensitive unit(s) at {KEEP_BITS} bits: "
                  f"average weight bits {_num(before['avg_w_bits_weighted_by_num_weights'])} -> "
@@ -167,10 +175,11 @@ def _num(v: Optional[float]) -> str:
 
 @LOOPS.register_module()
 class SensitivityLoop(TestLoop):
-    """Measure per-unit sensitivity (RTN) instead of quantizing; see the module docstring."""
+    """Measure per-unit (or per-activation-quantizer) sensitivity instead of quantizing; see the module docstring."""
 
     def __init__(self, runner, dataloader, evaluator, fp16: bool = False, ptq: Optional[dict] = None,
-                 eval_images: int = 4, keep_8bit: int = 2, metric: Optional[str] = None) -> None:
+                 eval_images: int = 4, keep_8bit: int = 2, metric: Optional[str] = None, parts: str = 'units',
+                 quantized: Optional[str] = None) -> None:
         super().__init__(runner, dataloader, evaluator, fp16)
         self.ptq_cfg = dict(ptq if ptq is not None else runner.cfg.get('ptq', {}))
         self.settings = PTQSettings.from_cfg(self.ptq_cfg)
@@ -178,8 +187,13 @@ class SensitivityLoop(TestLoop):
             raise PTQConfigError(f'--eval-images must be a positive integer, got {eval_images!r}')
         if isinstance(keep_8bit, bool) or not isinstance(keep_8bit, int) or keep_8bit < 0:
             raise PTQConfigError(f'--keep-8bit must be an integer >= 0, got {keep_8bit!r}')
-        self.eval_images, self.keep_8bit, self.metric = eval_images, keep_8bit, metric
-        self.load_quantized = None
+        if parts not in PARTS:
+            raise PTQConfigError(f'--parts must be one of {sorted(PARTS)}, got {parts!r}')
+        if quantized is not None and not osp.isfile(quantized):
+            raise PTQConfigError(f'--quantized file not found: {quantized}')
+        self.eval_images, self.keep_8bit, self.metric, self.parts = eval_images, keep_8bit, metric, parts
+        self.quantized = quantized
+        self.load_quantized = None  # the FP checkpoint is loaded (and checked) first in either case
         runner.register_hook(_CheckpointFitHook(self))
 
     @property
@@ -193,21 +207,27 @@ class SensitivityLoop(TestLoop):
         for name in (SENSITIVITY_JSON, SENSITIVITY_FILE, MIXED_PRECISION_CONFIG):  # never an earlier run's result
             if osp.exists(osp.join(work_dir, name)):
                 os.unlink(osp.join(work_dir, name))
-        units, held_out, forward = self._quantize_rtn()
+        units, held_out, forward = self._quantize()
+        settings = self.settings  # a loaded model's own
+        parts, owner = self._parts(units)
+        part = PARTS[self.parts]
         outputs = 'extract_feat outputs' if forward is feature_forward else 'raw head outputs (model._forward)'
 
         def progress(i: int, n: int, name: str, err: float) -> None:
-            logger.info(f'unit {i}/{n} {name} alone quantized: relative error of the {outputs} {err:.4e}')
-        sens = measure_sensitivity(self.model, units, held_out, forward, progress)
-        rows = [{'name': u.name, 'kind': u.kind, **unit_bits(u), 'rel_error': sens.unit_errors[u.name],
-                 'num_weights': sum(weight_bit_counts(u.module).values())} for u in units]
+            logger.info(f'{part} {i}/{n} {name} alone quantized: relative error of the {outputs} {err:.4e}')
+        sens = measure_sensitivity(self.model, parts, held_out, forward, progress)
+        rows = [{'name': p.name, 'kind': p.kind, **unit_bits(p), 'rel_error': sens.unit_errors[p.name],
+                 'num_weights': sum(weight_bit_counts(p.module).values()),
+                 **({'unit': owner[p.name]} if p.name in owner else {})} for p in parts]
+        source = f'loaded from {self.quantized}' if self.quantized else 'RTN'
         report: Dict[str, Any] = {
             'measure': f'relative feature error ||F_q - F||^2 / ||F||^2 over the {outputs}, '
-                       'only this unit quantized (RTN)',
+                       f'only this {part} quantized ({source}{", weights FP" if owner else ""})',
+            'part': part, 'quantized': source,
             'num_calibration_images': settings.num_images, 'num_eval_images': num_images(held_out),
             'all_units': {'rel_error': sens.all_units_error}, 'metric': None}
         if self.metric:
-            self._measure_metric(units, rows, report)
+            self._measure_metric(parts, rows, report)
         ranked = rank_rows(rows)
         suggestion = suggest_overrides(ranked, self.keep_8bit)
         options = overrides_cfg_options(suggestion)
@@ -225,9 +245,22 @@ class SensitivityLoop(TestLoop):
                     + (f', {MIXED_PRECISION_CONFIG}' if report['mixed_precision_config'] else ''))
         return report
 
-    def _quantize_rtn(self) -> Tuple[List[Unit], List[dict], Any]:
-        """Held-out batches, the block plan (like PTQLoop), calibrated activation steps, and the forward that
-        reaches every unit in scope (the model's own forward when heads are in it)."""
+    def _parts(self, units: Sequence[Unit]) -> Tuple[List[Unit], Dict[str, str]]:
+        """What is measured one at a time: the units, or every activation quantizer in them (with its unit's name)."""
+        if self.parts == 'units':
+            return list(units), {}
+        parts, owner = [], {}
+        for u in units:
+            for n, q in u.module.named_modules():
+                if isinstance(q, LSQActQuantizer):
+                    parts.append(Unit(f'{u.name}.{n}', q, 'act_quantizer'))
+                    owner[parts[-1].name] = u.name
+        return parts, owner
+
+    def _quantize(self) -> Tuple[List[Unit], List[dict], Any]:
+        """Held-out batches, the quantized model's units and the forward that reaches every unit in scope (the
+        model's own forward when heads are in it): RTN (the block plan like PTQLoop, calibrated activation
+        steps), or the model saved in ``quantized`` (e.g. reconstructed by QDrop)."""
         logger, settings, model = self.runner.logger, self.settings, self.model
         try:
             paths = scope_paths(model, settings.scope)
@@ -245,6 +278,11 @@ class SensitivityLoop(TestLoop):
         calib, held_out = split_batches(batches, settings.num_images)
         model.eval()
         forward = calibration_forward(model, paths, calib + held_out)
+        if self.quantized:
+            self.settings, plan = rebuild_quantized(model, self.quantized, settings)
+            logger.info(f'sensitivity: {len(plan.units)} units of the quantized model {self.quantized}, '
+                        f'measuring on {num_images(held_out)} held-out images')
+            return plan.units, held_out, forward
         try:
             plan = plan_model(model, settings, lambda: forward(model, calib[0]))
         except ValueError as err:
@@ -257,8 +295,9 @@ class SensitivityLoop(TestLoop):
     def _write_outputs(self, report: Dict[str, Any]) -> None:
         """sensitivity.png, the mixed-precision config (when something is suggested), sensitivity.json."""
         work_dir, settings = self.runner.work_dir, self.settings
-        title = f'sensitivity, RTN W{settings.w_bits}A{settings.a_bits}: only this unit quantized'
-        plot = dict(key='metric_drop', xlabel=f"drop of {report['metric']} with only this unit quantized") \
+        title = (f"sensitivity, {report['quantized']} W{settings.w_bits}A{settings.a_bits}: only this "
+                 f"{report['part']} quantized")
+        plot = dict(key='metric_drop', xlabel=f"drop of {report['metric']} with only this {report['part']} quantized") \
             if report['metric'] else {}
         written = write_sensitivity_plot(report['units'], osp.join(work_dir, SENSITIVITY_FILE), title,
                                          warn=self.runner.logger.warning, **plot)
@@ -273,14 +312,14 @@ class SensitivityLoop(TestLoop):
         atomic_write_json(report, osp.join(work_dir, SENSITIVITY_JSON))
 
     def _measure_metric(self, units: Sequence[Unit], rows: List[Dict[str, Any]], report: Dict[str, Any]) -> None:
-        """The evaluator's metric for FP, all units quantized and each unit alone (units + 2 evaluations)."""
+        """The evaluator's metric for FP, every part quantized and each part alone (parts + 2 evaluations)."""
         model, logger = self.model, self.runner.logger
         with quant_state(model, weight=False, act=False):
             fp_metrics = TestLoop.run(self)
         key = choose_metric(fp_metrics, self.metric)
         report['metric'] = key
         report['fp'] = {'metric': float(fp_metrics[key]), 'metrics': plain_metrics(fp_metrics)}
-        with quant_state(model, weight=True, act=True, drop_prob=1.0):
+        with quant_state(model, weight=False, act=False), all_quantized(units):
             all_metrics = TestLoop.run(self)
         report['all_units'].update(metric=float(all_metrics[key]), metrics=plain_metrics(all_metrics))
         for i, (unit, row) in enumerate(zip(units, rows)):
@@ -288,7 +327,7 @@ class SensitivityLoop(TestLoop):
                     quant_state(unit.module, weight=True, act=True, drop_prob=1.0):
                 value = float(TestLoop.run(self)[key])
             row['metric'], row['metric_drop'] = value, report['fp']['metric'] - value
-            logger.info(f'[{key}] unit {i + 1}/{len(units)} {unit.name} alone quantized: {value:.4f} '
+            logger.info(f'[{key}] {report["part"]} {i + 1}/{len(units)} {unit.name} alone quantized: {value:.4f} '
                         f'(FP {report["fp"]["metric"]:.4f})')
 
 

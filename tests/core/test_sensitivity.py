@@ -61,3 +61,26 @@ def test_bit_counts_weigh_weights_by_number_and_activations_by_quantizer(network
     assert w == {8: 3 * 8 * 9, 2: 8 * 8 * 9, 4: 8 * 8}
     assert average_bits(w) == pytest.approx((8 * 216 + 2 * 576 + 4 * 64) / (216 + 576 + 64))
     assert act_bit_counts(model) == {8: 3} and average_bits({}) is None
+
+
+def test_an_activation_quantizer_as_a_part_is_measured_with_the_weights_fp(network):
+    model, units, batches = network
+    parts = [Unit(f'layer{i}.act', m.act_quantizer, 'act_quantizer') for i, m in enumerate(model)]
+    result = measure_sensitivity(model, parts, batches[2:], _forward)
+    assert list(result.unit_errors) == ['layer0.act', 'layer1.act', 'layer2.act']
+    with torch.no_grad():
+        for q in weight_quantizers(model) + act_quantizers(model):
+            q.enabled = False
+        fp = [output_tensors(_forward(model, b)) for b in batches[2:]]
+        model[1].act_quantizer.enabled = True
+        a1 = [output_tensors(_forward(model, b)) for b in batches[2:]]
+        for m in model:
+            m.act_quantizer.enabled = True
+        a_all = [output_tensors(_forward(model, b)) for b in batches[2:]]
+
+    def rel(out):
+        return (sum((a - b).pow(2).sum().item() for qs, fs in zip(out, fp) for a, b in zip(qs, fs))
+                / sum(b.pow(2).sum().item() for fs in fp for b in fs))
+    assert result.unit_errors['layer1.act'] == pytest.approx(rel(a1), rel=1e-6)
+    assert result.all_units_error == pytest.approx(rel(a_all), rel=1e-6)  # every activation on, weights FP
+    assert result.all_units_error < measure_sensitivity(model, units, batches[2:], _forward).all_units_error

@@ -163,3 +163,34 @@ def test_roi_head_in_scope_is_measured_on_the_fp_proposals(fp_checkpoint, coco12
                             'roi_head.bbox_head.shared_fcs.1', 'rpn_head.rpn_cls', 'rpn_head.rpn_conv', 'rpn_head.rpn_reg']
     # outputs: the RPN's raw outputs and the RoI head's on the FP proposals: every unit moves them
     assert all(err > 0 for err in rows.values()) and report['all_units']['rel_error'] > 0
+
+
+def test_activation_parts_with_the_metric(fp_checkpoint, coco128, tmp_path):
+    from tools.sensitivity import main
+    report = main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path), '--eval-images', '1',
+                   '--keep-8bit', '1', '--metric', '--parts', 'activations', '--cfg-options', *data_options(coco128),
+                   'ptq.num_images=2', 'ptq.scope=[neck.lateral_convs]', 'test_dataloader.dataset.indices=1'])
+    rows = report['units']
+    assert report['part'] == 'activation quantizer' and 'weights FP' in report['measure']
+    assert sorted(r['name'] for r in rows) == [f'neck.lateral_convs.{i}.act_quantizer' for i in range(4)]
+    assert all(r['unit'] == r['name'].rsplit('.', 1)[0] and r['w_bits'] == [] and r['a_bits'] == [4]
+               and r['num_weights'] == 0 and r['rel_error'] > 0 for r in rows)
+    assert all(r['metric_drop'] == pytest.approx(report['fp']['metric'] - r['metric']) for r in rows)
+    assert list(report['suggested_overrides']) == [rows[0]['unit']]  # the unit of the costliest activation
+
+
+def test_a_saved_quantized_model_is_analysed_with_its_own_settings(fp_checkpoint, coco128, tmp_path):
+    from tools.ptq import main as ptq_main
+    from tools.sensitivity import main
+    options = [*data_options(coco128), 'ptq.num_images=2', 'ptq.scope=[neck.lateral_convs]']
+    ptq_main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path / 'ptq'), '--cfg-options', *options,
+              'ptq.method=rtn', 'ptq.w_bits=2', 'test_dataloader.dataset.indices=1'])
+    saved = str(tmp_path / 'ptq' / 'quantized.pth')
+    report = main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path / 'sens'), '--eval-images', '1',
+                   '--quantized', saved, '--cfg-options', *options])
+    assert report['quantized'] == f'loaded from {saved}' and report['settings']['w_bits'] == 2
+    assert sorted(r['name'] for r in report['units']) == [f'neck.lateral_convs.{i}' for i in range(4)]
+    assert all(r['w_bits'] == [2] and r['rel_error'] > 0 for r in report['units'])
+    with pytest.raises(SystemExit, match='^error: --quantized file not found: nowhere.pth'):
+        main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path / 's2'), '--quantized', 'nowhere.pth',
+              '--cfg-options', *options])
