@@ -261,7 +261,10 @@ class SensitivityLoop(TestLoop):
         """Held-out batches, the quantized model's units and the forward that reaches every unit in scope (the
         model's own forward when heads are in it): RTN (the block plan like PTQLoop, calibrated activation
         steps), or the model saved in ``quantized`` (e.g. reconstructed by QDrop)."""
-        logger, settings, model = self.runner.logger, self.settings, self.model
+        logger, model = self.runner.logger, self.model
+        if self.quantized:  # its own settings pick the scope and the held-out images
+            self.settings, plan = rebuild_quantized(model, self.quantized, self.settings)
+        settings = self.settings
         try:
             paths = scope_paths(model, settings.scope)
             check_roi_head_scope(model, paths)  # RTN only: PD-Quant's limit on heads does not apply
@@ -279,7 +282,6 @@ class SensitivityLoop(TestLoop):
         model.eval()
         forward = calibration_forward(model, paths, calib + held_out)
         if self.quantized:
-            self.settings, plan = rebuild_quantized(model, self.quantized, settings)
             logger.info(f'sensitivity: {len(plan.units)} units of the quantized model {self.quantized}, '
                         f'measuring on {num_images(held_out)} held-out images')
             return plan.units, held_out, forward

@@ -187,7 +187,7 @@ def test_a_saved_quantized_model_is_analysed_with_its_own_settings(fp_checkpoint
               'ptq.method=rtn', 'ptq.w_bits=2', 'test_dataloader.dataset.indices=1'])
     saved = str(tmp_path / 'ptq' / 'quantized.pth')
     report = main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path / 'sens'), '--eval-images', '1',
-                   '--quantized', saved, '--cfg-options', *options])
+                   '--quantized', saved, '--cfg-options', *options[:-1], 'ptq.scope=[backbone]'])
     assert report['quantized'] == f'loaded from {saved}' and report['settings']['w_bits'] == 2
     assert sorted(r['name'] for r in report['units']) == [f'neck.lateral_convs.{i}' for i in range(4)]
     assert all(r['w_bits'] == [2] and r['rel_error'] > 0 for r in report['units'])
