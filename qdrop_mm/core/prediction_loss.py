@@ -228,9 +228,7 @@ class PredictionTerm:
         self.names = [name for name, _ in units]
         self.modules = [m for _, m in units]
         self.device = next(iter(model.buffers())).device
-        start = time.perf_counter()
         self.fp = FPPredictions(model, batches, source.predict_fn, policy, int(cfg.pd_cache_gb * GiB), self.device)
-        self.fp_seconds = time.perf_counter() - start
         self._dc_stats: dict = {}
 
     def close(self) -> None:
