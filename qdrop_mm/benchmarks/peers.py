@@ -290,11 +290,8 @@ def load_results(path: str) -> Dict[str, Any]:
 
 
 def save_results(results: Dict[str, Any], path: str) -> None:
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    from qdrop_mm.openmmlab.atomic_io import atomic_write_json
+    atomic_write_json(results, path, indent=1)
 
 
 def find_run(results: Dict[str, Any], spec: CellSpec) -> Optional[Dict[str, Any]]:

@@ -6,7 +6,7 @@ structure or a loss term (QwT in ``qwt.py``, PD-Quant in ``prediction_loss.py``)
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from torch import nn
 
@@ -22,10 +22,13 @@ if TYPE_CHECKING:  # pragma: no cover
 class MethodHooks:
     """No-op hooks; a method overrides those it needs.
 
-    Order: ``prepare`` (before the caller converts the model), ``structure`` (before calibration),
-    ``start`` (after it), per unit and stage ``input_correction`` then ``reconstruct``, after all stages
-    ``finalize``, and ``close`` always.
+    Order: ``check`` (before any data is read), ``prepare`` (before the caller converts the model),
+    ``structure`` (before calibration), ``start`` (after it), per unit and stage ``input_correction`` then
+    ``reconstruct``, after all stages ``finalize`` then ``report``, and ``close`` always.
     """
+
+    def check(self, model: nn.Module, scope_paths: Sequence[str]) -> None:
+        """Raise ``ValueError`` (one line) when the method cannot run on ``model`` with these modules in scope."""
 
     def prepare(self, model: nn.Module) -> None:
         """Once, on the FP model before its layers are replaced by quantized ones (e.g. keep an FP copy)."""
@@ -50,6 +53,10 @@ class MethodHooks:
     def finalize(self, model: nn.Module, units: Sequence['Unit'], batches: Sequence[Any], forward_fn: 'ForwardFn',
                  callbacks: 'PTQCallbacks', result: 'PTQResult') -> None:
         """After every stage (e.g. fit a closed-form compensation), adding records to ``result``."""
+
+    def report(self, result: 'PTQResult') -> Dict[str, Any]:
+        """Entries the method adds to the run's report (e.g. per-unit values of its own loss)."""
+        return {}
 
     def close(self) -> None:
         """Release what ``start`` allocated (also after a failure)."""

@@ -30,7 +30,7 @@ import time
 import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,10 @@ def _no_fp_unit(name: str) -> Optional[nn.Module]:
     return None
 
 
+def _any_scope(model: nn.Module, scope_paths: Sequence[str]) -> None:
+    return None
+
+
 @dataclass
 class PredictionSource:
     """What the caller supplies for PD-Quant.
@@ -79,11 +83,13 @@ class PredictionSource:
     ``predict_fn(model, batch, context)`` returns (groups, context): on the FP pass ``context`` is None
     and the returned context is stored; on the tail passes the stored FP context is given back.
     ``fp_unit(name)`` returns the unit's FP module with its BatchNorms (not folded) for distribution
-    correction, or None (no correction for that unit).
+    correction, or None (no correction for that unit). ``check(model, scope_paths)`` raises ``ValueError``
+    when ``predict_fn`` cannot serve ``model`` with those modules in scope (before any data is read).
     """
 
     predict_fn: PredictFn
     fp_unit: Callable[[str], Optional[nn.Module]] = _no_fp_unit
+    check: Callable[[nn.Module, Sequence[str]], None] = _any_scope
 
 
 def score_difference(q: Tensor, fp: Tensor, kind: str, temperature: float) -> Tensor:
@@ -222,9 +228,7 @@ class PredictionTerm:
         self.names = [name for name, _ in units]
         self.modules = [m for _, m in units]
         self.device = next(iter(model.buffers())).device
-        start = time.perf_counter()
         self.fp = FPPredictions(model, batches, source.predict_fn, policy, int(cfg.pd_cache_gb * GiB), self.device)
-        self.fp_seconds = time.perf_counter() - start
         self._dc_stats: dict = {}
 
     def close(self) -> None:
@@ -323,6 +327,10 @@ class PredictionHooks(MethodHooks):
         self.cfg, self.source = cfg, source
         self.term: Optional[PredictionTerm] = None
 
+    def check(self, model: nn.Module, scope_paths: Sequence[str]) -> None:
+        if self.source is not None:
+            self.source.check(model, scope_paths)
+
     def prepare(self, model: nn.Module) -> None:
         if self.cfg.dc_iters > 0 and self.source is not None:
             fp_modules = dict(copy.deepcopy(model).named_modules(remove_duplicate=False))
@@ -346,6 +354,11 @@ class PredictionHooks(MethodHooks):
     def reconstruct(self, unit: Any, cache: UnitCache, stage: StageConfig,
                     progress: Optional[ProgressFn]) -> ReconResult:
         return self.term.reconstruct(unit.module, cache, stage, progress)
+
+    def report(self, result: Any) -> Dict[str, Any]:
+        """``prediction_loss``: per reconstructed unit, the prediction difference before/after and DC statistics."""
+        rows = [{'name': r.name, 'stage': r.stage, **r.result.extra} for r in result.records if r.result.extra]
+        return {'prediction_loss': rows} if rows else {}
 
     def close(self) -> None:
         if self.term is not None:

@@ -72,12 +72,6 @@ def mix_inputs(x_fp: Tensor, x_q: Tensor, keep_prob: float) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_unit(unit: nn.Module, cache: UnitCache, device: torch.device, act_quant: bool) -> float:
-    """Mean output MSE over every cached batch, the unit fully quantized (no drop)."""
-    return unit_errors(unit, cache, device, act_quant)[0]
-
-
-@torch.no_grad()
 def unit_errors(unit: nn.Module, cache: UnitCache, device: torch.device, act_quant: bool) -> Tuple[float, float]:
     """(mean output MSE, relative error ||y_q - y||² / ||y||²) over the cache, fully quantized, no drop."""
     mse = torch.zeros((), dtype=torch.float64, device=device)

@@ -22,7 +22,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from mmengine.config import Config
@@ -429,9 +429,3 @@ def _versions() -> Dict[str, str]:
         except ImportError:
             pass
     return out
-
-
-def read_metrics(work_dir: PathLike) -> Tuple[Dict[str, float], Dict[str, Any]]:
-    """(metrics, full record) of ``<work_dir>/fp_metrics.json``."""
-    record = json.loads((Path(work_dir) / PUBLISHED_METRICS).read_text())
-    return dict(record["metrics"]), record

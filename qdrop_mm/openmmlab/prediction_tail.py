@@ -14,7 +14,8 @@ forward (no post-processing except the FP proposals) and returns prediction rows
 - mmseg ``EncoderDecoder``: the decode head's logits per pixel (softmax over classes; sigmoid for
   ``out_channels == 1``); auxiliary heads (training only) are not compared.
 
-Anything else is refused up front with one line naming the head.
+Anything else is refused up front with one line naming the head (:func:`check_prediction_scope`), as are
+heads in ``ptq.scope``: the tail runs them from a unit's output.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from qdrop_mm.core import PredictionGroup, PredictionSource
+
+from .calibration import FEATURE_MODULES
 
 Groups = Tuple[List[PredictionGroup], List[Tensor]]
 
@@ -126,4 +129,17 @@ def predict(model: nn.Module, batch: Any, context: Optional[List[Tensor]]) -> Gr
     return select_predict_fn(model)[0](model, batch, context)
 
 
-PREDICTION_SOURCE = PredictionSource(predict)
+def check_prediction_scope(model: nn.Module, scope_paths: Sequence[str]) -> None:
+    """Raise ValueError unless only backbone/neck modules are in scope (the tail runs the heads from a unit's
+    output, so a head cannot be a unit) and :func:`select_predict_fn` has a tail for ``model``'s heads."""
+    heads = [p for p in scope_paths if p.split('.')[0] not in FEATURE_MODULES]
+    if heads:
+        raise ValueError(f'reconstructs backbone and neck units only (its loss runs the heads from a unit\'s '
+                         f'output); remove {heads} from ptq.scope or use another method')
+    try:
+        select_predict_fn(model)
+    except UnsupportedHeadError as err:
+        raise ValueError(f'no prediction tail for {err}; use another ptq.method') from None
+
+
+PREDICTION_SOURCE = PredictionSource(predict, check=check_prediction_scope)

@@ -45,10 +45,10 @@ from qdrop_mm.core.sensitivity import quantized_error
 
 from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
 from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
-from .calibration import (FEATURE_MODULES, build_calibration_batches, calibration_forward, check_dataset_paths,
+from .calibration import (build_calibration_batches, calibration_forward, check_dataset_paths,
                           feature_forward, images_for_this_rank, num_images, roi_head_of, split_batches)
 from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
-from .prediction_tail import PREDICTION_SOURCE, UnsupportedHeadError, select_predict_fn
+from .prediction_tail import PREDICTION_SOURCE
 from .registry import LOOPS
 from .report import build_report, format_summary, unit_bits, write_report
 from .report_plots import RECON_CURVES_FILE, UNIT_ERRORS_FILE, write_report_plots
@@ -132,18 +132,6 @@ def check_roi_head_scope(model: torch.nn.Module, paths: Sequence[str]) -> None:
                                  f'let be fixed to the FP network\'s, so they have no FP target here')
 
 
-def check_head_scope(model: torch.nn.Module, settings: PTQSettings) -> None:
-    """Heads in ``ptq.scope`` are reconstructed through the model's forward; two cases cannot be: RoI heads
-    whose crops cannot be fixed (:func:`check_roi_head_scope`) and PD-Quant, which replaces a unit's output and runs the rest of the
-    network to the predictions: only for backbone/neck units."""
-    paths = scope_paths(model, settings.scope)
-    check_roi_head_scope(model, paths)
-    heads = [p for p in paths if p.split('.')[0] not in FEATURE_MODULES]
-    if heads and settings.build_method().prediction is not None:
-        raise PTQConfigError(f'ptq.method={settings.method} reconstructs backbone and neck units only (its loss runs '
-                             f'the heads from a unit\'s output); remove {heads} from ptq.scope or use another method')
-
-
 class NonFiniteUnitError(PTQError, FloatingPointError):
     """A unit's reconstruction loss became NaN/inf; the finished units are kept for --resume."""
 
@@ -190,9 +178,8 @@ class LoopCallbacks(PTQCallbacks):
         r = record.result
         self.logger.info(f'{record.name}: output MSE {r.loss_before:.5g} -> {r.loss_after:.5g} '
                          f'({r.iters} it, {r.seconds:.1f} s, cache {record.cache_bytes / 2 ** 20:.1f} MiB)')
-        if 'pd_loss_before' in r.extra:
-            self.logger.info(f'{record.name}: prediction difference {r.extra["pd_loss_before"]:.5g} -> '
-                             f'{r.extra["pd_loss_after"]:.5g}')
+        if r.extra:
+            self.logger.info(f'{record.name}: ' + ', '.join(f'{k} {v:.5g}' for k, v in r.extra.items()))
         self.session.save_unit(record, self.current[1].module)
         self.current = None
         if all(self.session.restored(record.stage, u) for u in self._position):
@@ -252,16 +239,16 @@ class PTQLoop(TestLoop):
             resolve_scope(self.model, self.settings.scope)
         except ValueError as err:
             raise PTQConfigError(str(err)) from None
-        check_head_scope(self.model, self.settings)
+        paths = scope_paths(self.model, self.settings.scope)
+        check_roi_head_scope(self.model, paths)
+        for hook in self.settings.build_method().build_hooks(PREDICTION_SOURCE):
+            try:
+                hook.check(self.model, paths)
+            except ValueError as err:
+                raise PTQConfigError(f'ptq.method={self.settings.method}: {err}') from None
         cfg = self.runner.cfg
         if cfg.get('train_dataloader') is not None:
             check_dataset_paths(cfg.train_dataloader.get('dataset'), 'train_dataloader.dataset')
-        if self.settings.build_method().prediction is not None:
-            try:
-                select_predict_fn(self.model)
-            except UnsupportedHeadError as err:
-                raise PTQConfigError(f'ptq.method={self.settings.method}: no prediction tail for {err}; '
-                                     f'use another ptq.method') from None
 
     def quantize(self) -> Dict[str, Any]:
         """Calibrate and reconstruct in place (continuing a saved run when resuming)."""
@@ -326,8 +313,9 @@ class PTQLoop(TestLoop):
         session.update(status='complete')
         self.quantized_path = path
         logger.info(f'saved quantized model to {path}')
+        method_report = {key: value for hook in hooks for key, value in hook.report(result).items()}
         return {'result': result, 'timings': {'calibration_data': t1 - t0, 'reconstruction': t2 - t1},
-                'feature_error': feature_error}
+                'feature_error': feature_error, 'method_report': method_report}
 
     @torch.no_grad()
     def _feature_error(self, calib: Sequence[dict], held_out: Sequence[dict]) -> Dict[str, Any]:
@@ -380,9 +368,7 @@ class PTQLoop(TestLoop):
             extra['resumed_units'] = self.session.resumed_units
         if done.get('feature_error'):
             extra['feature_error'] = done['feature_error']
-        if done['result'] is not None and any(r.result.extra for r in done['result'].records):
-            extra['prediction_loss'] = [{'name': r.name, 'stage': r.stage, **r.result.extra}
-                                        for r in done['result'].records if r.result.extra]
+        extra.update(done.get('method_report', {}))
         report = build_report(self.settings, self.plan.units, done['result'], metrics, timings, extra=extra,
                               fp_layers=[asdict(f) for f in self.plan.fp_layers],
                               unfolded_norms=self.plan.unfolded_norms)

@@ -10,7 +10,8 @@ from qdrop_mm.core import (PredictionGroup, PredictionSource, PredictionTerm, ac
                            quant_state, run_ptq, weight_quantizers)
 from qdrop_mm.core.distribution_correction import bn_mismatch, correct_input, per_image_stats
 from qdrop_mm.core.prediction_loss import box_difference, foreground_weight, score_difference
-from qdrop_mm.core.ptq import build_unit_cache, calibrate_activations
+from qdrop_mm.core.ptq import PTQResult, UnitRecord, build_unit_cache, calibrate_activations
+from qdrop_mm.core.reconstruct import ReconResult
 from qdrop_mm.core.toy_network import make_toy_setup, quantize_toy_net, smooth_images, toy_forward
 
 
@@ -186,3 +187,28 @@ def test_method_options_and_missing_source_fail_with_the_key(toy):
     q, units, _, _ = quantized(net, batches)
     with pytest.raises(ValueError, match='prediction term: pass run_ptq\\(prediction='):
         run_ptq(q, units, batches, toy_forward, build_method('pdquant', iters=2))
+
+
+def test_hooks_check_through_the_source_and_report_the_units_with_a_prediction_loss():
+    seen = []
+
+    def refuse_heads(model, paths):
+        seen.append(list(paths))
+        if 'head' in paths:
+            raise ValueError('reconstructs backbone and neck units only')
+    source = PredictionSource(toy_predict, check=refuse_heads)
+    (hooks,) = build_method('pdquant', iters=2).build_hooks(source)
+    hooks.check(None, ['stem'])
+    with pytest.raises(ValueError, match='^reconstructs backbone and neck units only$'):
+        hooks.check(None, ['stem', 'head'])
+    assert seen == [['stem'], ['stem', 'head']]
+    PredictionSource(toy_predict).check(None, ['head'])  # a source without a check accepts any scope
+
+    def record(name, **extra):
+        return UnitRecord(name, 'block', 0, ReconResult(1.0, 0.5, 2, 0.1, extra=extra), 0)
+    result = PTQResult({}, [record('a', pd_loss_before=2.0, pd_loss_after=1.0), record('b')])
+    assert hooks.report(result) == {'prediction_loss': [{'name': 'a', 'stage': 0, 'pd_loss_before': 2.0,
+                                                         'pd_loss_after': 1.0}]}
+    assert hooks.report(PTQResult({}, [record('b')])) == {}
+    (qwt,) = build_method('qdrop_qwt', iters=2).build_hooks()
+    assert qwt.report(result) == {} and qwt.check(None, ['head']) is None

@@ -6,7 +6,7 @@ import torch
 
 from qdrop_mm.core import PTQCallbacks, build_method, run_ptq
 from qdrop_mm.core.ptq import build_unit_cache, calibrate_activations
-from qdrop_mm.core.reconstruct import evaluate_unit
+from qdrop_mm.core.reconstruct import unit_errors
 from qdrop_mm.core.toy_network import make_toy_setup, quantize_toy_net, toy_forward
 from qdrop_mm.core.unit_cache import CacheBudgetError, CachePolicy, UnitCache
 
@@ -66,7 +66,7 @@ def test_spilled_cache_evaluates_like_in_memory_and_ptq_stays_in_budget(tmp_path
     disk = build_unit_cache(q, units[1].module, batches, toy_forward, stage,
                             CachePolicy(host_budget=budget, spill_dir=str(tmp_path)))
     cpu = torch.device('cpu')
-    assert evaluate_unit(units[1].module, mem, cpu, True) == evaluate_unit(units[1].module, disk, cpu, True)
+    assert unit_errors(units[1].module, mem, cpu, True) == unit_errors(units[1].module, disk, cpu, True)
     disk.close()
 
     peaks = []

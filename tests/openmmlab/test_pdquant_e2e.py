@@ -96,13 +96,20 @@ def test_unsupported_heads_fail_with_one_line_naming_the_head(coco128, tmp_path,
     with pytest.raises(UnsupportedHeadError, match='^YOLOXHead '):
         select_predict_fn(yolox)
 
-    import qdrop_mm.openmmlab.ptq_loop as ptq_loop
+    import qdrop_mm.openmmlab.prediction_tail as prediction_tail
     from tools.ptq import main
+
+    ckpt = save_random_checkpoint(CONFIG, str(tmp_path / 'fp.pth'))
+    with pytest.raises(SystemExit) as err:
+        main([CONFIG, '--checkpoint', ckpt, '--work-dir', str(tmp_path / 'heads'), '--cfg-options',
+              *data_options(coco128), 'ptq.method=pdquant', "ptq.scope=['backbone','rpn_head']"])
+    assert str(err.value) == ("error: ptq.method=pdquant: reconstructs backbone and neck units only (its loss runs "
+                              "the heads from a unit's output); remove ['rpn_head'] from ptq.scope or use another "
+                              "method")
 
     def refuse(model):
         raise UnsupportedHeadError('FancyHead')
-    monkeypatch.setattr(ptq_loop, 'select_predict_fn', refuse)
-    ckpt = save_random_checkpoint(CONFIG, str(tmp_path / 'fp.pth'))
+    monkeypatch.setattr(prediction_tail, 'select_predict_fn', refuse)
     with pytest.raises(SystemExit) as err:
         main([CONFIG, '--checkpoint', ckpt, '--work-dir', str(tmp_path / 'work'), '--cfg-options',
               *data_options(coco128), 'ptq.method=pdquant'])
