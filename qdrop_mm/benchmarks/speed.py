@@ -333,7 +333,9 @@ class UnitMeter(PTQCallbacks):
                           'peak_mb': peak_memory_mb(self.device), 'loss_before': r.loss_before,
                           'loss_after': r.loss_after})
 
-    def after_compensation(self, record) -> None:
+    def after_method_step(self, unit, record, message: str) -> None:
+        if record is None:
+            return
         r = record.result
         self.compensation.append({'unit': record.name, 'fit_s': r.seconds, 'rel_error_before': r.rel_error_before,
                                   'rel_error_after': r.rel_error_after})
@@ -355,7 +357,7 @@ def bench_e2e(args, device) -> dict:
                          host_budget=int(args.host_budget_gb * GiB), spill_dir=args.spill_dir)
     t0 = time.perf_counter()
     run_ptq(net, units, batches, features_forward,
-            build_method(args.e2e_method, iters=args.e2e_iters, log_interval=args.e2e_iters // 2,
+            build_method(args.e2e_method, iters=args.e2e_iters, log_interval=max(1, args.e2e_iters // 2),
                          compile=args.compile), meter, policy)
     sync(device)
     wall = time.perf_counter() - t0

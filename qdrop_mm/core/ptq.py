@@ -76,12 +76,10 @@ class PTQCallbacks:
         """The record of this unit/stage when it is already done (restored on resume): it is not rerun."""
         return None
 
-    def after_compensation(self, record: UnitRecord) -> None:
-        """A unit's QwT compensation was fitted (``record.stage`` = number of stages; not resumable)."""
-        pass
-
-    def compensation_not_possible(self, unit: Unit) -> None:
-        """QwT cannot compensate ``unit`` (its input/output are not NCHW maps a strided 1x1 conv can map)."""
+    def after_method_step(self, unit: Unit, record: Optional[UnitRecord], message: str) -> None:
+        """A method's own step on ``unit`` after the stages (e.g. QwT's fit, ``record.stage`` = number of
+        stages; not resumable) is done: ``record`` is its result, or None when the unit was skipped;
+        ``message`` says what happened, in one line."""
         pass
 
 

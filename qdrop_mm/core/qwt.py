@@ -325,7 +325,12 @@ class CompensationHooks(MethodHooks):
             fit = fit_compensation(model, unit.module, batches, forward_fn, self.cfg.ridge, self.cfg.validate,
                                    unit.calls)
             if fit is None:
-                callbacks.compensation_not_possible(unit)
+                callbacks.after_method_step(unit, None, f'[QwT] {unit.name}: left uncompensated: its input or '
+                                            f'output is not an NCHW feature map a strided 1x1 conv can map (e.g. '
+                                            f'transformer tokens)')
                 continue
             result.records.append(UnitRecord(unit.name, unit.kind, stage, fit, 0))
-            callbacks.after_compensation(result.records[-1])
+            kept = '' if fit.loss_after < fit.loss_before else ', left uncompensated: no fit validated better than none'
+            callbacks.after_method_step(unit, result.records[-1], f'[QwT] {unit.name}: residual MSE '
+                                        f'{fit.loss_before:.5g} -> {fit.loss_after:.5g} (closed form, '
+                                        f'{fit.seconds:.2f} s{kept})')

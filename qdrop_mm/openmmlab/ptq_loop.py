@@ -185,15 +185,8 @@ class LoopCallbacks(PTQCallbacks):
         if all(self.session.restored(record.stage, u) for u in self._position):
             self.logger.info(f'stage {record.stage + 1}/{self.num_stages} done; resume state in {self.session.dir}')
 
-    def after_compensation(self, record: UnitRecord) -> None:
-        r = record.result
-        kept = '' if r.loss_after < r.loss_before else ', left uncompensated: no fit validated better than none'
-        self.logger.info(f'[QwT] {record.name}: residual MSE {r.loss_before:.5g} -> {r.loss_after:.5g} '
-                         f'(closed form, {r.seconds:.2f} s{kept})')
-
-    def compensation_not_possible(self, unit: Unit) -> None:
-        self.logger.warning(f'[QwT] {unit.name}: left uncompensated: its input or output is not an NCHW feature map '
-                            f'a strided 1x1 conv can map (e.g. transformer tokens)')
+    def after_method_step(self, unit: Unit, record: Optional[UnitRecord], message: str) -> None:
+        (self.logger.info if record is not None else self.logger.warning)(message)
 
 
 class _CheckpointFitHook(Hook):

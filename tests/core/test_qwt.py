@@ -232,11 +232,9 @@ def test_token_units_are_reported_not_compensable():
     class Seen(PTQCallbacks):
         skipped, fitted = [], []
 
-        def compensation_not_possible(self, unit):
-            self.skipped.append(unit.name)
-
-        def after_compensation(self, record):
-            self.fitted.append(record.name)
+        def after_method_step(self, unit, record, message):
+            (self.skipped if record is None else self.fitted).append(unit.name)
+            assert message.startswith(f'[QwT] {unit.name}: left uncompensated: its input or output is not an NCHW')
     cb = Seen()
     result = run_ptq(model, units, [torch.randn(2, 5, 8) for _ in range(2)], lambda m, b: m(b),
                      build_method('qwt'), cb)
