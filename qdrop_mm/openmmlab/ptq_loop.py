@@ -117,8 +117,8 @@ def drop_weight_swapping_hooks(runner) -> List[str]:
 
 def check_roi_head_scope(model: torch.nn.Module, paths: Sequence[str]) -> None:
     """RoI heads in scope must crop boxes that :class:`~.calibration.FixedProposalForward` can fix to the FP
-    network's: those of a StandardRoIHead (Faster/Mask R-CNN) or a CascadeRoIHead (Cascade R-CNN; subclasses such as HTC untested), whose
-    every crop goes through ``_bbox_forward`` / ``_mask_forward``."""
+    network's: those of a StandardRoIHead (Faster/Mask R-CNN) or a CascadeRoIHead (Cascade R-CNN; subclasses
+    such as HTC untested), whose every crop goes through ``_bbox_forward`` / ``_mask_forward``."""
     try:
         from mmdet.models.roi_heads import CascadeRoIHead, SparseRoIHead, StandardRoIHead
     except ImportError:  # an mmseg-only install: no RoI heads
