@@ -10,9 +10,10 @@ measures the relative error of the feature maps (backbone + neck outputs) agains
 held-out train images. ``--metric`` also runs the config's evaluator for FP, all units and each unit
 alone (units + 2 full evaluations: slow on a real val set; KEY defaults to box mAP / mask mAP / mIoU)
 and ranks by the metric drop. ``--parts activations`` measures each activation quantizer alone with the
-weights FP; ``--quantized`` analyses a saved quantized model (e.g. QDrop's) instead of RTN. Writes work_dir/sensitivity.json and sensitivity.png, prints the ranked
-table and ``ptq.overrides`` that keep the --keep-8bit most sensitive units at 8-bit weights and
-activations. Problems print ``error: <message>`` and exit with status 1, like tools/ptq.py.
+weights FP; ``--quantized`` analyses a saved quantized model (e.g. QDrop's) instead of RTN. Writes
+work_dir/sensitivity.json and sensitivity.png, prints the ranked table and ``ptq.overrides`` that keep the
+--keep-8bit most sensitive units at 8-bit weights and activations. Problems print ``error: <message>``
+and exit with status 1, like tools/ptq.py.
 """
 from __future__ import annotations
 

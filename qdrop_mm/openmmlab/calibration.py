@@ -132,6 +132,7 @@ FEATURE_MODULES = ('backbone', 'neck')
 
 
 ROI_CROPS = ('_bbox_forward', '_mask_forward')
+_OTHER_CROPS = 'FixedProposalForward: the RoI head crops other boxes than on the FP pass (more, fewer or other shapes)'
 
 
 @contextmanager
@@ -189,14 +190,14 @@ class FixedProposalForward:
         def replayed(rois: Tensor) -> Tensor:
             fixed = next(replay, None)
             if fixed is None or fixed.shape != rois.shape:
-                raise RuntimeError('FixedProposalForward: the RoI head crops other boxes than on the FP pass')
+                raise RuntimeError(_OTHER_CROPS)
             return fixed
         data = model.data_preprocessor(batch, False)
         x = model.extract_feat(data['inputs'])
         with _crops_through(model.roi_head, replayed):
             out = model.rpn_head(x), model.roi_head.forward(x, proposals, data['data_samples'])
         if next(replay, None) is not None:
-            raise RuntimeError('FixedProposalForward: the RoI head crops other boxes than on the FP pass')
+            raise RuntimeError(_OTHER_CROPS)
         return out
 
 

@@ -148,9 +148,9 @@ def format_table(report: Dict[str, Any]) -> str:
     lines.append(f"every {report['part']} quantized: rel feat err {report['all_units']['rel_error']:.4e} (sum of "
                  f"the single-{report['part']} errors {sum(r['rel_error'] for r in report['units']):.4e})")
     if metric:
-        lines.append(f"{metric}: FP {report['fp']['metric']:.4f}, every {report['part']} quantized "
-                     f"{report['all_units']['metric']:.4f} (drop {report['fp']['metric'] - report['all_units']['metric']:.4f}"
-                     f", sum of the single-{report['part']} drops {sum(r['metric_drop'] for r in report['units']):.4f})")
+        fp, every = report['fp']['metric'], report['all_units']['metric']
+        lines.append(f"{metric}: FP {fp:.4f}, every {report['part']} quantized {every:.4f} (drop {fp - every:.4f}, "
+                     f"sum of the single-{report['part']} drops {sum(r['metric_drop'] for r in report['units']):.4f})")
     before, after = report['bits'], report['bits_with_suggestion']
     lines.append(f"keep the {len(report['suggested_overrides'])} most sensitive unit(s) at {KEEP_BITS} bits: "
                  f"average weight bits {_num(before['avg_w_bits_weighted_by_num_weights'])} -> "
@@ -202,13 +202,13 @@ class SensitivityLoop(TestLoop):
         return model.module if is_model_wrapper(model) else model
 
     def run(self) -> Dict[str, Any]:
-        logger, settings, work_dir = self.runner.logger, self.settings, self.runner.work_dir
+        logger, work_dir = self.runner.logger, self.runner.work_dir
         t0 = time.perf_counter()
         for name in (SENSITIVITY_JSON, SENSITIVITY_FILE, MIXED_PRECISION_CONFIG):  # never an earlier run's result
             if osp.exists(osp.join(work_dir, name)):
                 os.unlink(osp.join(work_dir, name))
         units, held_out, forward = self._quantize()
-        settings = self.settings  # a loaded model's own
+        settings = self.settings  # with --quantized: the saved model's own
         parts, owner = self._parts(units)
         part = PARTS[self.parts]
         outputs = 'extract_feat outputs' if forward is feature_forward else 'raw head outputs (model._forward)'
@@ -267,7 +267,7 @@ class SensitivityLoop(TestLoop):
         settings = self.settings
         try:
             paths = scope_paths(model, settings.scope)
-            check_roi_head_scope(model, paths)  # RTN only: PD-Quant's limit on heads does not apply
+            check_roi_head_scope(model, paths)  # no method runs here: PD-Quant's own check on heads does not apply
         except ValueError as err:
             raise PTQConfigError(str(err)) from None
         seed_everything(settings.seed)
