@@ -39,6 +39,7 @@ from mmengine.runner import TestLoop
 from mmengine.utils import ProgressBar
 
 from qdrop_mm.core import NonFiniteLossError, PTQCallbacks, Unit, UnitRecord, run_ptq
+from qdrop_mm.core.method_hooks import MethodHooks
 from qdrop_mm.core.methods import MethodConfig
 from qdrop_mm.core.quant_state import act_quantizers
 from qdrop_mm.core.sensitivity import quantized_error
@@ -226,15 +227,18 @@ class PTQLoop(TestLoop):
         model = self.runner.model
         return model.module if is_model_wrapper(model) else model
 
-    def preflight(self) -> None:
-        """Checks that need the built model but no data: scope, FP weights loaded, train data paths."""
+    def preflight(self) -> Tuple[MethodConfig, List[MethodHooks]]:
+        """Checks that need the built model but no data (scope, the method's own checks, train data paths);
+        returns the method and the hooks ``quantize`` runs."""
         try:
             resolve_scope(self.model, self.settings.scope)
         except ValueError as err:
             raise PTQConfigError(str(err)) from None
         paths = scope_paths(self.model, self.settings.scope)
         check_roi_head_scope(self.model, paths)
-        for hook in self.settings.build_method().build_hooks(PREDICTION_SOURCE):
+        method = self.settings.build_method()
+        hooks = method.build_hooks(PREDICTION_SOURCE)
+        for hook in hooks:
             try:
                 hook.check(self.model, paths)
             except ValueError as err:
@@ -242,11 +246,11 @@ class PTQLoop(TestLoop):
         cfg = self.runner.cfg
         if cfg.get('train_dataloader') is not None:
             check_dataset_paths(cfg.train_dataloader.get('dataset'), 'train_dataloader.dataset')
+        return method, hooks
 
-    def quantize(self) -> Dict[str, Any]:
+    def quantize(self, method: MethodConfig, hooks: List[MethodHooks]) -> Dict[str, Any]:
         """Calibrate and reconstruct in place (continuing a saved run when resuming)."""
         logger, settings, model, session = self.runner.logger, self.settings, self.model, self.session
-        method = settings.build_method()
         session.open()
         t0 = time.perf_counter()
         seed_everything(settings.seed)
@@ -258,7 +262,6 @@ class PTQLoop(TestLoop):
                     + (f'; {num_images(held_out)} held-out train images for the feature-error check' if held_out else ''))
         t1 = time.perf_counter()
         model.eval()
-        hooks = method.build_hooks(PREDICTION_SOURCE)
         for hook in hooks:
             hook.prepare(model)
         forward = calibration_forward(model, scope_paths(model, settings.scope), batches)
@@ -351,8 +354,7 @@ class PTQLoop(TestLoop):
         if self.load_quantized:
             done = self.load(self.load_quantized)
         else:
-            self.preflight()
-            done = self.quantize()
+            done = self.quantize(*self.preflight())
         t1 = time.perf_counter()
         metrics = super().run()
         timings = dict(done['timings'], evaluation=time.perf_counter() - t1, total=time.perf_counter() - t0)
