@@ -641,17 +641,7 @@ def _calibration_tensors(cfg, model, spec: CellSpec) -> List['torch.Tensor']:
 
 def _install(model, qfeat, scope: str) -> None:
     """Put the quantized module into the detector: extract_feat runs it (and the FP neck for scope 'backbone')."""
-    from torch import nn
-
-    class Quantized(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return tuple(self.inner(x))
-
-    model.backbone = Quantized(qfeat)
+    model.backbone = _feature_net(qfeat, None)  # a tuple out, whatever sequence the peer's module returns
     if scope == 'backbone+neck':
         model.neck = None
 
