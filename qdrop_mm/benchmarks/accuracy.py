@@ -151,9 +151,8 @@ def significant_pairs(res: dict, methods, bits, key: str):
     out = []
     for wa in bits:
         cells = {n: cell(res, n, wa, key) for n in names}
-        for a, b in permutations(names, 2):
-            if cells[a] is not None and cells[b] is not None and cells[a].beats(cells[b]):
-                out.append((wa, a, b, cells[a].mean - cells[b].mean))
+        out += [(wa, a, b, cells[a].mean - cells[b].mean) for a, b in permutations(names, 2)
+                if cells[a] is not None and cells[b] is not None and cells[a].beats(cells[b])]
     return out
 
 
