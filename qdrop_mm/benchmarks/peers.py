@@ -226,8 +226,8 @@ class Summary:
 def summarize(runs: Iterable[Dict[str, Any]], metric: str = METRIC) -> List[Summary]:
     """Group runs by (tool, method, w_bits, a_bits), in first-seen order; the last run of each seed counts.
 
-    A run with ``error`` set contributes its error, not a value; seconds and peak memory are means over
-    the runs that finished.
+    A run with ``error`` set contributes its error, not a value; seconds (mean) and peak memory (largest)
+    are over the runs that finished.
     """
     groups: Dict[Tuple, Dict[int, Dict[str, Any]]] = {}
     for run in runs:
@@ -247,7 +247,7 @@ def summarize(runs: Iterable[Dict[str, Any]], metric: str = METRIC) -> List[Summ
 
 def markdown_table(summaries: Sequence[Summary], digits: int = 3) -> str:
     """tool | method | one column per bit width (mean±std (n)) | seconds per run | peak memory | scope."""
-    bits = sorted({(s.w_bits, s.a_bits) for s in summaries}, key=lambda wa: (-wa[0], -wa[1]))
+    bits = sorted({(s.w_bits, s.a_bits) for s in summaries}, reverse=True)
     rows = list(dict.fromkeys((s.tool, s.method) for s in summaries))
     head = ['tool', 'method'] + [f'W{w}A{a} {METRIC.split("/")[-1]}' for w, a in bits] + \
         ['seconds per run', 'peak memory (MiB)', 'quantized']
