@@ -27,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+from itertools import permutations
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -81,14 +82,13 @@ def run_one(model: str, method: str, w_bits: int, a_bits: int, seed: int, args, 
     recon = {'fp_checkpoint': osp.abspath(fp_ckpt), 'options': opts}
     record, quantized = osp.join(work, 'bench_run.json'), osp.join(work, 'quantized.pth')
     t0 = time.perf_counter()
-    if osp.isfile(quantized) and osp.isfile(record) and load_results(record) == recon:
+    reused = osp.isfile(quantized) and osp.isfile(record) and load_results(record) == recon
+    if reused:
         metrics = exit_on_error(load_quantized, config, quantized, work_dir=osp.join(work, f'eval_{model}'),
                                 cfg_options=parse_cfg_options(opts)).metrics
-        reused = True
     else:
         metrics = exit_on_error(quantize, config, fp_ckpt, work_dir=work, cfg_options=parse_cfg_options(opts)).metrics
         atomic_write_json(recon, record)
-        reused = False
     run = {'model': model, 'method': method, 'w_bits': w_bits, 'a_bits': a_bits, 'iters': args.iters,
            'num_images': args.num_images, 'options': list(args.options), 'seed': seed,
            'metrics': {k: float(v) for k, v in metrics.items()}, 'seconds': time.perf_counter() - t0}
@@ -134,12 +134,15 @@ def cell(res: dict, name: str, wa: tuple, key: str):
     return Cell(by_seed.values()) if by_seed else None
 
 
-def _mark(res: dict, name: str, c, wa: tuple, key: str) -> str:
-    """'*' where the row beats RTN (same number of calibration images) at this bit width by more than the
-    combined spread."""
+def _cell_text(res: dict, name: str, wa: tuple, key: str, digits: int) -> str:
+    """The row's cell at bit width ``wa``, '-' without runs; '*' marks where it beats RTN (same number of
+    calibration images) by more than the combined spread."""
+    c = cell(res, name, wa, key)
+    if c is None:
+        return '-'
     n = next((r.get('num_images', DEFAULT_NUM_IMAGES) for r in res['runs'] if row_name(r) == name), DEFAULT_NUM_IMAGES)
     base = cell(res, label({'method': 'rtn', 'num_images': n}), wa, key)
-    return '*' if c is not None and base is not None and name != 'rtn' and c.beats(base) else ''
+    return c.text(digits) + ('*' if base is not None and name != 'rtn' and c.beats(base) else '')
 
 
 def significant_pairs(res: dict, methods, bits, key: str):
@@ -148,10 +151,8 @@ def significant_pairs(res: dict, methods, bits, key: str):
     out = []
     for wa in bits:
         cells = {n: cell(res, n, wa, key) for n in names}
-        for a in names:
-            for b in names:
-                if a != b and cells[a] is not None and cells[b] is not None and cells[a].beats(cells[b]):
-                    out.append((wa, a, b, cells[a].mean - cells[b].mean))
+        out += [(wa, a, b, cells[a].mean - cells[b].mean) for a, b in permutations(names, 2)
+                if cells[a] is not None and cells[b] is not None and cells[a].beats(cells[b])]
     return out
 
 
@@ -174,10 +175,7 @@ def table(results: dict, methods, bits) -> str:
                      f"seeds per cell: {_seed_counts(res, names, bits, key)})")
         lines.append(f"{'method':<34}" + ''.join(f'{"W%dA%d" % wa:>16}' for wa in bits))
         for name in names:
-            cells = [cell(res, name, wa, key) for wa in bits]
-            lines.append(f'{name:<34}' + ''.join(
-                f'{c.text(digits) + _mark(res, name, c, wa, key):>16}' if c is not None else f'{"-":>16}'
-                for c, wa in zip(cells, bits)))
+            lines.append(f'{name:<34}' + ''.join(f'{_cell_text(res, name, wa, key, digits):>16}' for wa in bits))
         for wa, a, b, gap in significant_pairs(res, methods, bits, key):
             lines.append(f'  W{wa[0]}A{wa[1]}: {a} > {b} by {gap:.{digits}f} (more than the combined std)')
     return '\n'.join(lines)
@@ -192,12 +190,10 @@ def markdown(results: dict, methods, bits) -> str:
                 '| method | ' + ' | '.join('W%dA%d' % wa for wa in bits) + ' | seconds per run |',
                 '|---' * (len(bits) + 2) + '|']
         for name in names:
-            cells = [cell(res, name, wa, key) for wa in bits]
             secs = [r['seconds'] for r in res['runs'] if row_name(r) == name and (r['w_bits'], r['a_bits']) in bits
                     and not r.get('reevaluated')]  # a re-evaluation's seconds are the evaluation's alone
-            out.append(f'| {name} | ' + ' | '.join(
-                c.text(digits) + _mark(res, name, c, wa, key) if c is not None else '-'
-                for c, wa in zip(cells, bits)) + (f' | {sum(secs) / len(secs):.0f} |' if secs else ' | - |'))
+            out.append(f'| {name} | ' + ' | '.join(_cell_text(res, name, wa, key, digits) for wa in bits)
+                       + (f' | {sum(secs) / len(secs):.0f} |' if secs else ' | - |'))
     return '\n'.join(out)
 
 
@@ -307,7 +303,7 @@ def merge_results(into: dict, other: dict) -> None:
     """Add the runs of `other` that `into` lacks (same model, method, bits, iterations, images, options)."""
     into['commands'] = list(dict.fromkeys(into.get('commands', []) + other.get('commands', [])))
     for model, res in other['models'].items():
-        mine = into['models'].setdefault(model, {'runs': [], 'fp': res.get('fp', {})})
+        mine = into['models'].setdefault(model, {'runs': []})
         mine.setdefault('fp', res.get('fp', {}))
         check_same_fp_model(model, mine, res.get('fp_digest'), res.get('fp', {}), 'the merged results')
         if res.get('fp_digest'):

@@ -29,9 +29,8 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-
-from qdrop_mm.core import build_method, output_mse, run_ptq  # noqa: E402
-from qdrop_mm.core.toy_network import make_toy_setup, quantize_toy_net, smooth_images, toy_forward  # noqa: E402
+from qdrop_mm.core import build_method, output_mse, run_ptq
+from qdrop_mm.core.toy_network import make_toy_setup, quantize_toy_net, smooth_images, toy_forward
 
 METHODS = ('rtn', 'adaround', 'brecq', 'qdrop')
 

@@ -14,7 +14,6 @@ share of the weights in scope, BatchNorms left unfolded in scope, run ok, reload
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import os.path as osp
 import time
@@ -93,35 +92,25 @@ def stock_config_path(case: Case) -> str:
     return path
 
 
-def _seg_list(data_root: str, split: str, out: str) -> str:
-    """A BaseSegDataset ann_file listing the coco128 images of ``split`` that have a semantic mask."""
-    names = sorted(osp.splitext(f)[0] for f in os.listdir(osp.join(data_root, 'stuff', split)) if f.endswith('.png'))
-    with open(out, 'w') as f:
-        f.write('\n'.join(names) + '\n')
-    return out
-
-
-def _det_dataset(root: str, split: str, test: bool, n: Optional[int]) -> Dict[str, Any]:
+def _det_dataset(root: str, split: str) -> Dict[str, Any]:
     pipeline = [dict(type='LoadImageFromFile'), dict(type='Resize', scale=IMAGE_SCALE, keep_ratio=True),
                 dict(type='Pad', size_divisor=32), dict(type='LoadAnnotations', with_bbox=True),
                 dict(type='PackDetInputs')]
-    ds = dict(type='CocoDataset', data_root=root, ann_file=f'annotations/instances_{split}.json',
-              data_prefix=dict(img=f'{split}/'), filter_cfg=dict(filter_empty_gt=False), pipeline=pipeline,
-              test_mode=test)
-    if n is not None:
-        ds['indices'] = n
-    return ds
+    return dict(type='CocoDataset', data_root=root, ann_file=f'annotations/instances_{split}.json',
+                data_prefix=dict(img=f'{split}/'), filter_cfg=dict(filter_empty_gt=False), pipeline=pipeline,
+                test_mode=split == 'val2017')
 
 
-def _seg_dataset(root: str, split: str, ann_file: str, num_classes: int, n: Optional[int]) -> Dict[str, Any]:
+def _seg_dataset(root: str, split: str, ann_file: str, num_classes: int) -> Dict[str, Any]:
+    """A BaseSegDataset of the coco128 images of ``split`` that have a semantic mask, written to ``ann_file``."""
+    names = sorted(osp.splitext(f)[0] for f in os.listdir(osp.join(root, 'stuff', split)) if f.endswith('.png'))
+    with open(ann_file, 'w') as f:
+        f.write('\n'.join(names) + '\n')
     pipeline = [dict(type='LoadImageFromFile'), dict(type='Resize', scale=IMAGE_SCALE, keep_ratio=False),
                 dict(type='LoadAnnotations'), dict(type='PackSegInputs')]
-    ds = dict(type='BaseSegDataset', data_root=root, ann_file=ann_file, img_suffix='.jpg', seg_map_suffix='.png',
-              data_prefix=dict(img_path=split, seg_map_path=f'stuff/{split}'), pipeline=pipeline,
-              metainfo=dict(classes=tuple(f'class{i}' for i in range(num_classes))))
-    if n is not None:
-        ds['indices'] = n
-    return ds
+    return dict(type='BaseSegDataset', data_root=root, ann_file=ann_file, img_suffix='.jpg', seg_map_suffix='.png',
+                data_prefix=dict(img_path=split, seg_map_path=f'stuff/{split}'), pipeline=pipeline,
+                metainfo=dict(classes=tuple(f'class{i}' for i in range(num_classes))))
 
 
 def keep_all_scores(cfg: Any) -> Any:
@@ -148,20 +137,18 @@ def write_case_config(case: Case, work_dir: str, data_root: str, test_images: in
         model = dict(backbone=dict(init_cfg=None))
         if case.keep_all_boxes and base.model.get('test_cfg') is not None:
             model['test_cfg'] = keep_all_scores(base.model.test_cfg.to_dict())
-        train = dict(loader, batch_size=2, dataset=_det_dataset(root, 'train2017', False, None))
-        test = dict(loader, dataset=_det_dataset(root, 'val2017', True, test_images))
+        train_set, test_set = _det_dataset(root, 'train2017'), _det_dataset(root, 'val2017')
         evaluator = dict(_delete_=True, type='CocoMetric', ann_file=root + 'annotations/instances_val2017.json',
                          metric='bbox')
     else:
         num_classes = base.model.decode_head.num_classes
         model = dict(pretrained=None, backbone=dict(init_cfg=None))
-        train = dict(loader, batch_size=2, dataset=_seg_dataset(
-            root, 'train2017', _seg_list(data_root, 'train2017', osp.join(work_dir, 'train.txt')), num_classes, None))
-        test = dict(loader, dataset=_seg_dataset(
-            root, 'val2017', _seg_list(data_root, 'val2017', osp.join(work_dir, 'val.txt')), num_classes,
-            test_images))
+        train_set, test_set = (_seg_dataset(root, f'{s}2017', osp.join(work_dir, f'{s}.txt'), num_classes)
+                               for s in ('train', 'val'))
         evaluator = dict(_delete_=True, type='IoUMetric', iou_metrics=['mIoU'])
     model.update(dict(case.model))
+    train = dict(loader, batch_size=2, dataset=train_set)
+    test = dict(loader, dataset=dict(test_set, indices=test_images))
     text = '\n'.join([
         f'_base_ = [{stock!r}, {osp.join(REPO, "configs", "_base_", "ptq_qdrop.py")!r}]',
         f'model = {model!r}',
@@ -264,19 +251,16 @@ def compared_items(predictions: List[Dict[str, Any]]) -> str:
 
 
 def identical(a: List[Dict[str, Any]], b: List[Dict[str, Any]]) -> bool:
+    """As many images (at least one), the same keys, tensors equal in shape and value, other values equal."""
     import torch
-    if len(a) != len(b) or not a:
-        return False
-    for x, y in zip(a, b):
-        if x.keys() != y.keys():
-            return False
-        for k in x:
-            if isinstance(x[k], torch.Tensor):
-                if not (isinstance(y[k], torch.Tensor) and x[k].shape == y[k].shape and torch.equal(x[k], y[k])):
-                    return False
-            elif x[k] != y[k]:
-                return False
-    return True
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+        return x == y
+
+    return len(a) == len(b) > 0 and all(x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+                                        for x, y in zip(a, b))
 
 
 def run_case(case: Case, work_root: str, data_root: str = DEFAULT_DATA, iters: int = 3, num_images: int = 2,
@@ -334,18 +318,15 @@ def main(argv: Optional[List[str]] = None) -> List[Row]:
     args = p.parse_args(argv)
     if not osp.isdir(args.data_root):
         raise SystemExit(f'error: --data-root {args.data_root} is not a folder (coco128 layout expected)')
+    from qdrop_mm.openmmlab.atomic_io import atomic_write_json
     rows = []
-    for case in CASES:
-        if args.cases and case.name not in args.cases:
-            continue
+    for case in (c for c in CASES if not args.cases or c.name in args.cases):
         row = run_case(case, args.work_dir, args.data_root, args.iters, args.num_images, args.test_images)
         print(f'[coverage] {case.name}: {"ok" if row.run_ok else "FAILED"} ({row.seconds} s) {row.error}',
               flush=True)
         rows.append(row)
         if args.out:
-            os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-            with open(args.out, 'w') as f:
-                json.dump([asdict(r) for r in rows], f, indent=1)
+            atomic_write_json([asdict(r) for r in rows], args.out, indent=1)
     print(format_table(rows))
     return rows
 

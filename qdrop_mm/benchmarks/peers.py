@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -78,8 +78,13 @@ class CellSpec:
     first_layer_bits: int = 8
 
     def key(self) -> Tuple:
-        return (self.tool, self.method, self.w_bits, self.a_bits, self.seed, self.iters, self.num_images,
-                self.batch_size, self.first_layer_bits)
+        return astuple(self)
+
+    def result(self, **fields: Any) -> Dict[str, Any]:
+        """The cell's record in the results file (no metric, no error yet), then ``fields``."""
+        return {'tool': self.tool, 'method': self.method, 'w_bits': self.w_bits, 'a_bits': self.a_bits,
+                'seed': self.seed, 'iters': self.iters, 'num_images': self.num_images, 'spec_key': list(self.key()),
+                'metrics': {}, 'error': None, 'notes': [], 'scope': None, **fields}
 
     @property
     def name(self) -> str:
@@ -221,8 +226,8 @@ class Summary:
 def summarize(runs: Iterable[Dict[str, Any]], metric: str = METRIC) -> List[Summary]:
     """Group runs by (tool, method, w_bits, a_bits), in first-seen order; the last run of each seed counts.
 
-    A run with ``error`` set contributes its error, not a value; seconds and peak memory are means over
-    the runs that finished.
+    A run with ``error`` set contributes its error, not a value; seconds (mean) and peak memory (largest)
+    are over the runs that finished.
     """
     groups: Dict[Tuple, Dict[int, Dict[str, Any]]] = {}
     for run in runs:
@@ -240,13 +245,9 @@ def summarize(runs: Iterable[Dict[str, Any]], metric: str = METRIC) -> List[Summ
     return out
 
 
-def bits_of(summaries: Sequence[Summary]) -> List[Tuple[int, int]]:
-    return sorted({(s.w_bits, s.a_bits) for s in summaries}, key=lambda wa: (-wa[0], -wa[1]))
-
-
 def markdown_table(summaries: Sequence[Summary], digits: int = 3) -> str:
     """tool | method | one column per bit width (mean±std (n)) | seconds per run | peak memory | scope."""
-    bits = bits_of(summaries)
+    bits = sorted({(s.w_bits, s.a_bits) for s in summaries}, reverse=True)
     rows = list(dict.fromkeys((s.tool, s.method) for s in summaries))
     head = ['tool', 'method'] + [f'W{w}A{a} {METRIC.split("/")[-1]}' for w, a in bits] + \
         ['seconds per run', 'peak memory (MiB)', 'quantized']
@@ -295,10 +296,7 @@ def save_results(results: Dict[str, Any], path: str) -> None:
 
 
 def find_run(results: Dict[str, Any], spec: CellSpec) -> Optional[Dict[str, Any]]:
-    for run in results.get('runs', []):
-        if tuple(run.get('spec_key', ())) == tuple(spec.key()):
-            return run
-    return None
+    return next((r for r in results.get('runs', []) if tuple(r.get('spec_key', ())) == spec.key()), None)
 
 
 def record_run(results: Dict[str, Any], run: Dict[str, Any]) -> None:
@@ -438,9 +436,12 @@ def quantize_aimet(net, calib, spec: CellSpec, settings: Dict[str, Any], work: s
             for x in loader:
                 model(x)
 
-    def override(sim):
+    def quantsim(model):
+        sim = QuantizationSimModel(model, dummy, quant_scheme=scheme, default_output_bw=settings['default_output_bw'],
+                                   default_param_bw=settings['default_param_bw'], config_file=cfg_path)
         for name, bw in settings['param_bw_override'].items():
             sim.model.get_submodule(name).param_quantizers['weight'].bitwidth = bw
+        return sim
 
     if spec.method == 'adaround':
         from aimet_torch._base.adaround import adaround_optimizer
@@ -461,15 +462,11 @@ def quantize_aimet(net, calib, spec: CellSpec, settings: Dict[str, Any], work: s
         net = Adaround.apply_adaround(net, dummy, params, path=work, filename_prefix='adaround',
                                       default_param_bw=settings['default_param_bw'], param_bw_override_list=overrides,
                                       default_quant_scheme=scheme, default_config_file=cfg_path)
-        sim = QuantizationSimModel(net, dummy, quant_scheme=scheme, default_output_bw=settings['default_output_bw'],
-                                   default_param_bw=settings['default_param_bw'], config_file=cfg_path)
-        override(sim)
+        sim = quantsim(net)
         sim.set_and_freeze_param_encodings(osp.join(work, 'adaround.encodings'))
     else:
         from aimet_torch.seq_mse import apply_seq_mse
-        sim = QuantizationSimModel(net, dummy, quant_scheme=scheme, default_output_bw=settings['default_output_bw'],
-                                   default_param_bw=settings['default_param_bw'], config_file=cfg_path)
-        override(sim)
+        sim = quantsim(net)
         apply_seq_mse(sim, loader, num_candidates=settings['num_candidates'], forward_fn=forward_fn)
     sim.compute_encodings(calibrate, None)
     return sim.model
@@ -549,25 +546,17 @@ def _mqbench_last_layers_to_default(qnet, settings: Dict[str, Any]) -> List[str]
 QUANTIZERS: Dict[str, Callable] = {'aimet': quantize_aimet, 'brevitas': quantize_brevitas, 'mqbench': quantize_mqbench}
 
 
-def peak_mib() -> float:
-    """This process' peak resident memory so far (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_cell(spec: CellSpec, config: str, checkpoint: str, work: str, threads: int = 1) -> Dict[str, Any]:
     """Quantize backbone + neck with the peer and evaluate the detector; never raises for a peer failure."""
     t0 = time.perf_counter()
     os.makedirs(work, exist_ok=True)
-    result: Dict[str, Any] = {'tool': spec.tool, 'method': spec.method, 'w_bits': spec.w_bits, 'a_bits': spec.a_bits,
-                              'seed': spec.seed, 'iters': spec.iters, 'num_images': spec.num_images,
-                              'spec_key': list(spec.key()), 'metrics': {}, 'error': None, 'attempts': [],
-                              'notes': [], 'scope': None}
+    result = spec.result(attempts=[])
     stage = 'setup'
     try:
         import torch
         torch.set_num_threads(threads)
         settings = translate(spec)
-        result['settings'] = _jsonable(settings)
+        result['settings'] = json.loads(json.dumps(settings, default=str))
         result['api'] = METHODS[(spec.tool, spec.method)]['api']
         tv_error = import_torchvision_without_ops()
         if tv_error:
@@ -610,12 +599,8 @@ def run_cell(spec: CellSpec, config: str, checkpoint: str, work: str, threads: i
             else f'{stage}: {one_line(err)}'
     result['notes'] = list(dict.fromkeys(result['notes']))
     result['seconds'] = time.perf_counter() - t0
-    result['peak_mib'] = peak_mib()
+    result['peak_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux ru_maxrss is in KiB
     return result
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 def _peer_version(tool: str) -> str:
@@ -656,21 +641,9 @@ def _calibration_tensors(cfg, model, spec: CellSpec) -> List['torch.Tensor']:
 
 def _install(model, qfeat, scope: str) -> None:
     """Put the quantized module into the detector: extract_feat runs it (and the FP neck for scope 'backbone')."""
-    from torch import nn
-
-    class Quantized(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return tuple(self.inner(x))
-
+    model.backbone = _feature_net(qfeat, None)  # a tuple out, whatever sequence the peer's module returns
     if scope == 'backbone+neck':
-        model.backbone = Quantized(qfeat)
         model.neck = None
-    else:
-        model.backbone = Quantized(qfeat)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -713,11 +686,6 @@ def cell_specs(args: argparse.Namespace) -> List[CellSpec]:
             for seed in args.seeds for w, a in bits for t, m in pairs]
 
 
-def machine() -> Dict[str, Any]:
-    return {'platform': platform.platform(), 'processor': platform.machine(), 'cpus': os.cpu_count(),
-            'python': platform.python_version()}
-
-
 def spawn_cell(spec: CellSpec, args: argparse.Namespace, work: str) -> Dict[str, Any]:
     """Run one cell in a child process of the peer venv; a crash or timeout is recorded as the cell's error."""
     os.makedirs(work, exist_ok=True)
@@ -744,9 +712,7 @@ def spawn_cell(spec: CellSpec, args: argparse.Namespace, work: str) -> Dict[str,
         tail = [line.strip() for line in f.read().splitlines() if line.strip()][-1:] or ['']
     error = f'timed out after {args.timeout} s' if code is None else \
         f'the cell process exited with status {code} without a result; last line: {tail[0][:300]}'
-    return {'tool': spec.tool, 'method': spec.method, 'w_bits': spec.w_bits, 'a_bits': spec.a_bits, 'seed': spec.seed,
-            'iters': spec.iters, 'num_images': spec.num_images, 'spec_key': list(spec.key()), 'metrics': {},
-            'error': error, 'seconds': time.perf_counter() - t0, 'peak_mib': None, 'notes': [], 'scope': None}
+    return spec.result(error=error, seconds=time.perf_counter() - t0, peak_mib=None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -774,7 +740,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not osp.isfile(args.python):
         raise PeerBenchError(f'--python {args.python}: not found; build the peer venv with bash tools/setup_peers.sh')
     results.setdefault('commands', []).append(' '.join(['python', 'tools/bench_peers.py', *(argv or sys.argv[1:])]))
-    results['machine'] = machine()
+    results['machine'] = {'platform': platform.platform(), 'processor': platform.machine(), 'cpus': os.cpu_count(),
+                          'python': platform.python_version()}
     for i, spec in enumerate(specs):
         done = find_run(results, spec)
         if done is not None and (not done.get('error') or not args.rerun_failed):

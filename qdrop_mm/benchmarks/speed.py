@@ -234,7 +234,7 @@ def bench_cpu_one(block: str, variant: str, iters: int) -> dict:
     row = {'unit': block, 'variant': variant, 'input': [8, 64, 56, 56], 'iters': iters,
            's_per_iter': statistics.median(windows[steady]), 'window_s_per_iter': windows,
            'wall_s': time.perf_counter() - t0, 'loss_before': result.loss_before, 'loss_after': result.loss_after,
-           'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           'peak_rss_mb': peak_memory_mb(torch.device('cpu'))}
     for k in kinds:
         fp_window = [statistics.median(t) for t in fp_times[k]]
         row[k + '_s'] = statistics.median(fp_window[steady])
