@@ -39,13 +39,10 @@ def curve_series(report: Dict[str, Any]) -> List[Tuple[str, List[float], List[fl
 
 def error_bars(report: Dict[str, Any]) -> Tuple[List[str], List[float], List[float]]:
     """(labels, relative error before, after) for every row that has both: what unit_errors.png draws."""
-    labels, before, after = [], [], []
-    for label, r in zip(_labels(report), report['units']):
-        if r.get('rel_error_before') is not None and r.get('rel_error_after') is not None:
-            labels.append(label)
-            before.append(float(r['rel_error_before']))
-            after.append(float(r['rel_error_after']))
-    return labels, before, after
+    rows = [(label, r) for label, r in zip(_labels(report), report['units'])
+            if r.get('rel_error_before') is not None and r.get('rel_error_after') is not None]
+    return ([label for label, _ in rows], [float(r['rel_error_before']) for _, r in rows],
+            [float(r['rel_error_after']) for _, r in rows])
 
 
 def _axes(width: float, height: float):
