@@ -32,12 +32,6 @@ class PTQRun:
     quantized: Optional[str]
 
 
-def _options(cfg_options: Optional[Mapping[str, Any]], ptq: Mapping[str, Any]) -> Dict[str, Any]:
-    options = dict(cfg_options or {})
-    options.update({f'ptq.{key}': value for key, value in ptq.items()})
-    return options
-
-
 def _finish(metrics: dict, runner: Any) -> PTQRun:
     from mmengine.model import is_model_wrapper
     loop = runner.test_loop
@@ -55,8 +49,8 @@ def quantize(config: ConfigLike, checkpoint: Optional[str] = None, *, work_dir: 
     Writes ``quantized.pth`` and ``ptq_report.json`` in ``work_dir``; ``resume`` continues an
     interrupted run there.
     """
-    cfg = build_ptq_cfg(config, checkpoint, work_dir, _options(cfg_options, ptq), resume=resume,
-                        launcher=launcher)
+    options = {**(cfg_options or {}), **{f'ptq.{key}': value for key, value in ptq.items()}}
+    cfg = build_ptq_cfg(config, checkpoint, work_dir, options, resume=resume, launcher=launcher)
     return _finish(*run_test_loop(cfg, allow_unsafe_checkpoint))
 
 

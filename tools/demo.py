@@ -10,7 +10,6 @@ against quantized COCO metrics.
 from __future__ import annotations
 
 import argparse
-import json
 import os.path as osp
 import sys
 import time
@@ -42,6 +41,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from qdrop_mm.demo.training import train_fp_model
     from qdrop_mm.api import quantize
+    from qdrop_mm.openmmlab.atomic_io import atomic_write_json
     from qdrop_mm.openmmlab.runner import exit_on_error, parse_cfg_options
     t0 = time.perf_counter()
     fp = train_fp_model(FP_CONFIG, osp.join(REPO, 'work_dirs/demo/faster_rcnn_r18_fpn_shapes'))
@@ -52,8 +52,7 @@ def main(argv=None) -> dict:
     table = comparison_table(fp['metrics'], quant, 'QDrop W4A4')
     summary = {'fp': fp['metrics'], 'quantized': {k: float(v) for k, v in quant.items()},
                'fp_cached': fp['cached'], 'seconds': {'fp_model': t1 - t0, 'ptq_and_eval': t2 - t1}}
-    with open(osp.join(args.work_dir, 'demo_summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    atomic_write_json(summary, osp.join(args.work_dir, 'demo_summary.json'))
     print('\nqdrop_mm demo: Faster R-CNN R18-FPN on the generated shapes val split\n' + table)
     print(f"FP model: {'cached' if fp['cached'] else 'trained'} ({t1 - t0:.0f} s); "
           f'PTQ + evaluation: {t2 - t1:.0f} s; report: {osp.join(args.work_dir, "ptq_report.json")}')

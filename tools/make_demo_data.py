@@ -57,12 +57,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     params = dataset_params(args.num_train, args.num_val, args.size, args.seed, args.min_objects, args.max_objects)
     if not args.force and is_up_to_date(out, params):
         print(f"up to date, skipping: {out} (use --force to regenerate)")
-        _print_summary(out, load_meta(out))
-        return 0
-    start = time.perf_counter()
-    generate_shapes_dataset(out, args.num_train, args.num_val, args.size, args.seed,
-                            args.min_objects, args.max_objects)
-    print(f"generated {out} in {time.perf_counter() - start:.1f}s")
+    else:
+        start = time.perf_counter()
+        generate_shapes_dataset(out, args.num_train, args.num_val, args.size, args.seed,
+                                args.min_objects, args.max_objects)
+        print(f"generated {out} in {time.perf_counter() - start:.1f}s")
     _print_summary(out, load_meta(out))
     return 0
 

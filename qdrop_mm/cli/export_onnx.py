@@ -71,11 +71,10 @@ def check_args(args: argparse.Namespace) -> None:
     if not osp.isfile(args.quantized):
         raise ValueError(f'--quantized file not found: {args.quantized} (the quantized.pth written by tools/ptq.py)')
     if args.input_shape is not None:
-        n, c, h, w = args.input_shape
         if min(args.input_shape) < 1:
             raise ValueError(f'--input-shape must be 4 positive integers N C H W, got {args.input_shape}')
-        if c != 3:
-            raise ValueError(f'--input-shape: C must be 3 (image channels), got {c}')
+        if args.input_shape[1] != 3:
+            raise ValueError(f'--input-shape: C must be 3 (image channels), got {args.input_shape[1]}')
     if args.opset < 13:
         raise ValueError(f'--opset must be >= 13 (per-channel DequantizeLinear needs opset 13), got {args.opset}')
     if args.check_image is not None and not osp.isfile(args.check_image):

@@ -45,15 +45,11 @@ def main(argv=None) -> dict:
     from qdrop_mm.openmmlab.runner import check_exclusive, exit_on_error
     args = parse_args(argv)
     exit_on_error(check_exclusive, args.resume, args.load_quantized)
+    common = dict(work_dir=args.work_dir, cfg_options=args.cfg_options, launcher=args.launcher,
+                  allow_unsafe_checkpoint=args.allow_unsafe_checkpoint)
     if args.load_quantized:
-        run = exit_on_error(load_quantized, args.config, args.load_quantized, work_dir=args.work_dir,
-                            cfg_options=args.cfg_options, launcher=args.launcher,
-                            allow_unsafe_checkpoint=args.allow_unsafe_checkpoint)
-    else:
-        run = exit_on_error(quantize, args.config, args.checkpoint, work_dir=args.work_dir,
-                            cfg_options=args.cfg_options, resume=args.resume, launcher=args.launcher,
-                            allow_unsafe_checkpoint=args.allow_unsafe_checkpoint)
-    return run.metrics
+        return exit_on_error(load_quantized, args.config, args.load_quantized, **common).metrics
+    return exit_on_error(quantize, args.config, args.checkpoint, resume=args.resume, **common).metrics
 
 
 def console() -> None:

@@ -86,34 +86,29 @@ def _shape_contours(name: str, extent: float, rng: np.random.Generator) -> Tuple
     """Outer contours and holes of a shape centred at the origin, spanning ~``extent`` px."""
     r = extent / 2.0
     theta = rng.uniform(0.0, 2.0 * np.pi)
-    if name == "circle":
-        return [_regular_polygon(r, 64)], []
-    if name == "ring":
-        inner = r * rng.uniform(0.45, 0.65)
-        return [_regular_polygon(r, 64)], [_regular_polygon(inner, 64)]
+    if name in ("circle", "ring"):  # rotation-invariant: not rotated
+        holes = [_regular_polygon(r * rng.uniform(0.45, 0.65), 64)] if name == "ring" else []
+        return [_regular_polygon(r, 64)], holes
     if name == "rectangle":
         aspect = rng.uniform(0.55, 1.0)
         hw, hh = r / np.sqrt(1.0 + aspect ** 2), aspect * r / np.sqrt(1.0 + aspect ** 2)
-        box = np.array([[-hw, -hh], [hw, -hh], [hw, hh], [-hw, hh]])
-        return [_rotate(box, theta)], []
-    if name == "triangle":
+        poly = np.array([[-hw, -hh], [hw, -hh], [hw, hh], [-hw, hh]])
+    elif name == "triangle":
         angles = np.array([0.0, 2.0 * np.pi / 3, 4.0 * np.pi / 3]) + rng.uniform(-0.25, 0.25, 3)
-        tri = r * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-        return [_rotate(tri, theta)], []
-    if name == "cross":
+        poly = r * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    elif name == "cross":
         t = r * rng.uniform(0.28, 0.42)
-        cross = np.array([
+        poly = np.array([
             [-t, -r], [t, -r], [t, -t], [r, -t], [r, t], [t, t],
             [t, r], [-t, r], [-t, t], [-r, t], [-r, -t], [-t, -t],
         ])
-        return [_rotate(cross, theta)], []
-    if name == "star":
-        outer = _regular_polygon(r, 5)
-        inner = _rotate(_regular_polygon(r * rng.uniform(0.38, 0.5), 5), np.pi / 5)
-        star = np.empty((10, 2))
-        star[0::2], star[1::2] = outer, inner
-        return [_rotate(star, theta)], []
-    raise ValueError(f"unknown shape {name!r}")
+    elif name == "star":
+        poly = np.empty((10, 2))
+        poly[0::2] = _regular_polygon(r, 5)
+        poly[1::2] = _rotate(_regular_polygon(r * rng.uniform(0.38, 0.5), 5), np.pi / 5)
+    else:
+        raise ValueError(f"unknown shape {name!r}")
+    return [_rotate(poly, theta)], []
 
 
 def _fill(canvas: np.ndarray, contours: Sequence[np.ndarray], value: int) -> None:
@@ -198,13 +193,10 @@ def _paint(img: np.ndarray, mask: np.ndarray, colour: np.ndarray, rng: np.random
     img[ys, xs] = colour + shade[:, None] * rng.uniform(0, 40)
 
 
-def _occlusion_ok(inst_map: np.ndarray, mask: np.ndarray, visible: List[int], full: List[int]) -> bool:
-    if not visible:
-        return True
+def _visible_after(inst_map: np.ndarray, mask: np.ndarray, visible: List[int]) -> List[int]:
+    """Visible pixels left to each earlier object once ``mask`` is painted over it."""
     covered = inst_map[mask]
-    lost = np.bincount(covered[covered >= 0], minlength=len(visible))
-    return all(v - l >= max(MIN_VISIBLE_FRACTION * f, MIN_VISIBLE_PIXELS)
-               for v, l, f in zip(visible, lost, full))
+    return [v - int(lost) for v, lost in zip(visible, np.bincount(covered[covered >= 0], minlength=len(visible)))]
 
 
 def _place_object(rng: np.random.Generator, size: int, allow_large: bool) -> Tuple[int, np.ndarray, bool]:
@@ -241,18 +233,16 @@ def render_image(
     for _ in range(int(rng.integers(min_objects, max_objects + 1))):
         for _ in range(PLACEMENT_TRIES):
             cat, mask, is_large = _place_object(rng, image_size, num_large < MAX_LARGE_PER_IMAGE)
-            area = int(mask.sum())
-            if area >= MIN_VISIBLE_PIXELS and _occlusion_ok(inst_map, mask, visible, full):
+            area, left = int(mask.sum()), _visible_after(inst_map, mask, visible)
+            if area >= MIN_VISIBLE_PIXELS and all(v >= max(MIN_VISIBLE_FRACTION * f, MIN_VISIBLE_PIXELS)
+                                                  for v, f in zip(left, full)):
                 break
         else:
             continue
-        covered = inst_map[mask]
-        for k, lost in enumerate(np.bincount(covered[covered >= 0], minlength=len(visible))):
-            visible[k] -= int(lost)
         _paint(img, mask, _sample_colour(rng, img, mask), rng)
         inst_map[mask] = len(cats)
         cats.append(cat)
-        visible.append(area)
+        visible = left + [area]
         full.append(area)
         num_large += int(is_large)
     img += rng.uniform(1.0, 5.0) * rng.standard_normal(img.shape, dtype=np.float32)
@@ -281,10 +271,6 @@ def size_bucket(area: int) -> str:
     return "small" if area < SMALL_AREA else ("medium" if area <= LARGE_AREA else "large")
 
 
-def _categories() -> List[Dict[str, Any]]:
-    return [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)]
-
-
 def _write_split(
     out: Path, split: str, num_images: int, image_size: int, seed: int, min_objects: int, max_objects: int
 ) -> Dict[str, Any]:
@@ -310,7 +296,8 @@ def _write_split(
             })
     coco = {
         "info": {"description": f"qdrop_mm synthetic shapes ({VERSION})", "version": VERSION},
-        "licenses": [], "images": images, "annotations": annotations, "categories": _categories(),
+        "licenses": [], "images": images, "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)],
     }
     ann_file = ann_dir / f"instances_{split}2017.json"
     ann_file.write_text(json.dumps(coco, separators=(",", ":")))

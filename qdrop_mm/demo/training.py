@@ -165,16 +165,11 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def _scope(cfg: Config) -> str:
+def register_scope(cfg: Config) -> str:
+    """``register_all_modules`` of the config's codebase (mmdet or mmseg); returns the scope."""
     scope = cfg.get("default_scope")
     if scope not in ("mmdet", "mmseg"):
         raise ValueError(f"default_scope must be 'mmdet' or 'mmseg', got {scope!r}")
-    return scope
-
-
-def register_scope(cfg: Config) -> str:
-    """``register_all_modules`` of the config's codebase (mmdet or mmseg); returns the scope."""
-    scope = _scope(cfg)
     if scope == "mmdet":
         from mmdet.utils import register_all_modules
     else:
@@ -232,14 +227,11 @@ def publish_weights(state_dict: Mapping[str, torch.Tensor], path: PathLike,
     meta = copy.deepcopy(dict(meta))
     _check_plain(meta)
     meta.setdefault("format", FORMAT)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"state_dict": tensors, "meta": meta}
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save({"state_dict": tensors, "meta": meta}, buffer)
     torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)  # fail here, not in the consumer
     atomic_write(str(path), lambda f: f.write(buffer.getvalue()))
-    return path
+    return Path(path)
 
 
 def load_published_weights(path: PathLike) -> Dict[str, Any]:
@@ -252,10 +244,9 @@ def load_published_weights(path: PathLike) -> Dict[str, Any]:
 
 def build_fp_model(cfg: Config, checkpoint: Optional[PathLike] = None) -> torch.nn.Module:
     """Build ``cfg.model`` (eval mode, CPU) and load published weights strictly, if given."""
-    register_scope(cfg)
     from mmengine.registry import DefaultScope, MODELS
 
-    with DefaultScope.overwrite_default_scope(_scope(cfg)):
+    with DefaultScope.overwrite_default_scope(register_scope(cfg)):
         model = MODELS.build(cfg.model)
     if checkpoint is not None:
         model.load_state_dict(load_published_weights(checkpoint)["state_dict"], strict=True)
@@ -320,13 +311,12 @@ def train_fp_model(cfg_path: PathLike, work_dir: Optional[PathLike] = None,
     digest = config_digest(cfg)
     record = None if force else _cached(out, digest)
     if record is None and not force and _cached(SHIPPED_DIR / name, digest) is not None:
-        out.mkdir(parents=True, exist_ok=True)
         for file in (PUBLISHED_WEIGHTS, PUBLISHED_METRICS):
             atomic_write(str(out / file), lambda f, src=SHIPPED_DIR / name / file: f.write(src.read_bytes()))
         record = _cached(out, digest)
         print_log(f"{name}: using the FP model shipped with qdrop_mm ({SHIPPED_DIR / name}), trained with "
                   f"{record.get('num_threads')} thread(s), {record['iterations']} iterations", logger="current")
-    register_scope(cfg)
+    scope = register_scope(cfg)
     data = ensure_demo_data(cfg)
     if record is not None:
         print_log(f"{name}: cached FP model {out / PUBLISHED_WEIGHTS} "
@@ -358,7 +348,7 @@ def train_fp_model(cfg_path: PathLike, work_dir: Optional[PathLike] = None,
         "config": name,
         "config_path": str(cfg_path),
         "config_digest": digest,
-        "default_scope": _scope(cfg),
+        "default_scope": scope,
         "iterations": iterations,
         "batch_size": int(cfg.train_dataloader.batch_size),
         "train_seconds": round(train_seconds, 2),
@@ -419,11 +409,8 @@ def _fmt(metrics: Mapping[str, float]) -> str:
 
 
 def _versions() -> Dict[str, str]:
-    import mmcv
-    import mmengine
-
-    out = {"torch": str(torch.__version__), "mmengine": str(mmengine.__version__), "mmcv": str(mmcv.__version__)}
-    for mod in ("mmdet", "mmseg"):
+    out = {"torch": str(torch.__version__)}
+    for mod in ("mmengine", "mmcv", "mmdet", "mmseg"):  # only mmdet or mmseg can be missing: both import the others
         try:
             out[mod] = str(__import__(mod).__version__)
         except ImportError:

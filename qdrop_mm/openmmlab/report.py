@@ -57,8 +57,8 @@ def build_report(settings: PTQSettings, units: Sequence[Unit], result: Optional[
         rows.append({'name': rec.name, 'kind': rec.kind, 'stage': rec.stage, **unit_bits(by_name[rec.name]),
                      'iters': r.iters, 'loss_before': r.loss_before, 'loss_after': r.loss_after,
                      'rel_error_before': r.rel_error_before, 'rel_error_after': r.rel_error_after,
-                     'stopped_early': r.stopped_early, **r.movement, 'seconds': round(r.seconds, 3), 'cache_mb': round(rec.cache_bytes / 2 ** 20, 3),
-                     'curve': r.curve})
+                     'stopped_early': r.stopped_early, **r.movement, 'seconds': round(r.seconds, 3),
+                     'cache_mb': round(rec.cache_bytes / 2 ** 20, 3), 'curve': r.curve})
     method = result.method if result else settings.build_method().to_dict()
     report = {
         'settings': settings.to_dict(),
@@ -142,10 +142,9 @@ def format_summary(report: Dict[str, Any], max_rows: int = SUMMARY_MAX_ROWS) -> 
         a_avg = bits['avg_a_bits_weighted_by_num_act_quantizers']
         overrides = ', '.join(f"{prefix} " + ''.join(f'{k[0]}{v}' for k, v in b.items() if v)
                               for prefix, b in (s.get('overrides') or {}).items())
-        share = bits.get('quantized_weight_share')
         fp_part = '' if not bits.get('num_fp_weights') else (
-            f"; {100 * share:.1f}% of the weights in scope quantized, {bits['avg_w_bits_fp_as_32']:.3f} counting "
-            f"the {bits['num_fp_weights']} FP weights as 32-bit")
+            f"; {100 * bits['quantized_weight_share']:.1f}% of the weights in scope quantized, "
+            f"{bits['avg_w_bits_fp_as_32']:.3f} counting the {bits['num_fp_weights']} FP weights as 32-bit")
         lines.append(f"average bits: weights {bits['avg_w_bits_weighted_by_num_weights']:.3f} (per quantized weight, "
                      f"{n_w} weights{fp_part}), activations {'-' if a_avg is None else f'{a_avg:.3f}'} "
                      f"(per quantizer, {n_a} quantizers)" + (f'; overrides: {overrides}' if overrides else ''))
@@ -156,10 +155,8 @@ def format_summary(report: Dict[str, Any], max_rows: int = SUMMARY_MAX_ROWS) -> 
                      + ', '.join(f"{f['name']} ({f['type']})" for f in fp_layers[:3]))
     rows = report['units']
     if rows:
-        shown = rows
-        if len(rows) > max_rows:
-            top = set(sorted(range(len(rows)), key=lambda i: _rel_error_after(rows[i]), reverse=True)[:max_rows])
-            shown = [r for i, r in enumerate(rows) if i in top]
+        top = set(sorted(range(len(rows)), key=lambda i: _rel_error_after(rows[i]), reverse=True)[:max_rows])
+        shown = [r for i, r in enumerate(rows) if i in top]
         lines.append(f"{'unit':<36} {'st':>2} {'bits':>8} {'loss before':>12} {'loss after':>12} "
                      f"{'rel err after':>13} {'s':>7}")
         for u in shown:

@@ -19,17 +19,16 @@ SENSITIVITY_FILE = 'sensitivity.png'
 WarnFn = Callable[[str], None]
 
 
-def row_label(row: Dict[str, Any], num_stages: int, multi_stage: bool) -> str:
+def row_label(row: Dict[str, Any], num_stages: int) -> str:
     """The unit name, with the stage when a method has several, or 'QwT' for a compensation row."""
     if row['stage'] >= num_stages:
         return f"{row['name']} [QwT]"
-    return f"{row['name']} [s{row['stage'] + 1}]" if multi_stage else row['name']
+    return f"{row['name']} [s{row['stage'] + 1}]" if num_stages > 1 else row['name']
 
 
 def _labels(report: Dict[str, Any]) -> List[str]:
     num_stages = len(report.get('method', {}).get('stages', []))
-    multi = num_stages > 1
-    return [row_label(r, num_stages, multi) for r in report['units']]
+    return [row_label(r, num_stages) for r in report['units']]
 
 
 def curve_series(report: Dict[str, Any]) -> List[Tuple[str, List[float], List[float]]]:
@@ -40,25 +39,23 @@ def curve_series(report: Dict[str, Any]) -> List[Tuple[str, List[float], List[fl
 
 def error_bars(report: Dict[str, Any]) -> Tuple[List[str], List[float], List[float]]:
     """(labels, relative error before, after) for every row that has both: what unit_errors.png draws."""
-    labels, before, after = [], [], []
-    for label, r in zip(_labels(report), report['units']):
-        if r.get('rel_error_before') is not None and r.get('rel_error_after') is not None:
-            labels.append(label)
-            before.append(float(r['rel_error_before']))
-            after.append(float(r['rel_error_after']))
-    return labels, before, after
+    rows = [(label, r) for label, r in zip(_labels(report), report['units'])
+            if r.get('rel_error_before') is not None and r.get('rel_error_after') is not None]
+    return ([label for label, _ in rows], [float(r['rel_error_before']) for _, r in rows],
+            [float(r['rel_error_after']) for _, r in rows])
 
 
-def _figure(width: float, height: float):
+def _axes(width: float, height: float):
+    """The one Axes of a new figure on the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
-    return fig
+    return fig.add_subplot(1, 1, 1)
 
 
-def _save(fig, path: str) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format='png', bbox_inches='tight'))
+def _save(ax, path: str) -> None:
+    atomic_write(path, lambda f: ax.figure.savefig(f, format='png', bbox_inches='tight'))
 
 
 def _positive(values: Sequence[float]) -> List[float]:
@@ -68,9 +65,8 @@ def _positive(values: Sequence[float]) -> List[float]:
 
 def plot_recon_curves(series: Sequence[Tuple[str, Sequence[float], Sequence[float]]], path: str,
                       title: str) -> None:
-    fig = _figure(11, 6)
-    ax = fig.add_subplot(1, 1, 1)
-    cmap = _colormap()
+    from matplotlib import colormaps
+    ax, cmap = _axes(11, 6), colormaps['viridis']
     for i, (label, its, losses) in enumerate(series):
         ax.plot(its, _positive(losses), label=label, linewidth=1.0, color=cmap(i / max(len(series) - 1, 1)))
     ax.set_yscale('log')
@@ -79,15 +75,14 @@ def plot_recon_curves(series: Sequence[Tuple[str, Sequence[float], Sequence[floa
     ax.set_title(title)
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=6, loc='upper left', bbox_to_anchor=(1.01, 1.0), ncol=max(1, math.ceil(len(series) / 40)))
-    _save(fig, path)
+    _save(ax, path)
 
 
 def plot_bars(labels: Sequence[str], groups: Sequence[Tuple[str, Sequence[float]]], path: str, title: str,
               xlabel: str, log: bool = True) -> None:
     """Horizontal grouped bars, one row per label, top to bottom in the given order."""
     n = len(labels)
-    fig = _figure(10, max(3.0, 0.18 * n * max(len(groups), 1) + 1.5))
-    ax = fig.add_subplot(1, 1, 1)
+    ax = _axes(10, max(3.0, 0.18 * n * max(len(groups), 1) + 1.5))
     height = 0.8 / max(len(groups), 1)
     for g, (name, values) in enumerate(groups):
         ys = [i + (g - (len(groups) - 1) / 2) * height for i in range(n)]
@@ -102,17 +97,7 @@ def plot_bars(labels: Sequence[str], groups: Sequence[Tuple[str, Sequence[float]
     ax.grid(True, axis='x', which='both', alpha=0.3)
     if len(groups) > 1:
         ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-def _colormap():
-    from matplotlib import colormaps
-    return colormaps['viridis']
-
-
-def _run_title(report: Dict[str, Any]) -> str:
-    s = report['settings']
-    return f"{s['method']} W{s['w_bits']}A{s['a_bits']}, {s['iters']} iters/unit"
+    _save(ax, path)
 
 
 def write_report_plots(report: Dict[str, Any], work_dir: str, warn: Optional[WarnFn] = None) -> List[str]:
@@ -130,15 +115,16 @@ def write_report_plots(report: Dict[str, Any], work_dir: str, warn: Optional[War
     written = []
     series = curve_series(report)
     labels, before, after = error_bars(report)
+    s = report['settings']
+    run = f"{s['method']} W{s['w_bits']}A{s['a_bits']}, {s['iters']} iters/unit"
     jobs = []
     if series:
         jobs.append((RECON_CURVES_FILE, lambda p: plot_recon_curves(
-            series, p, f'reconstruction loss per unit ({_run_title(report)})')))
+            series, p, f'reconstruction loss per unit ({run})')))
     if labels:
         jobs.append((UNIT_ERRORS_FILE, lambda p: plot_bars(
             labels, [('before', before), ('after', after)], p,
-            f'relative output error per unit, ||y_q - y||² / ||y||² ({_run_title(report)})',
-            'relative output error (log)')))
+            f'relative output error per unit, ||y_q - y||² / ||y||² ({run})', 'relative output error (log)')))
     for name, draw in jobs:
         try:
             draw(os.path.join(work_dir, name))
