@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .onnx_io import onnxruntime_session, qdq_node_counts
+
 # onnxruntime ops that compute on integers (contrib ops included)
 INTEGER_OPS = ('QLinearConv', 'ConvInteger', 'QLinearMatMul', 'MatMulInteger', 'MatMulIntegerToFloat', 'QGemm',
                'QLinearAdd', 'QLinearMul', 'QLinearConcat', 'QLinearAveragePool', 'QLinearGlobalAveragePool',
@@ -27,29 +29,12 @@ INTEGER_OPS = ('QLinearConv', 'ConvInteger', 'QLinearMatMul', 'MatMulInteger', '
 FLOAT_CONV_OPS = ('Conv', 'FusedConv', 'ConvTranspose', 'Gemm', 'MatMul', 'FusedMatMul')
 
 
-def _session_options(threads: int, optimized_path: Optional[str] = None):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if optimized_path is not None:
-        opts.optimized_model_filepath = optimized_path
-    return opts
-
-
 def optimized_op_counts(path: str) -> Dict[str, int]:
     """Node count per op type of the graph onnxruntime runs for ``path`` (default session, CPU provider)."""
-    import onnx
-    import onnxruntime as ort
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'optimized.onnx')
-        ort.InferenceSession(path, _session_options(1, out), providers=['CPUExecutionProvider'])
-        counts: Dict[str, int] = {}
-        for node in onnx.load(out).graph.node:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+        onnxruntime_session(path, log_severity_level=3, optimized_model_filepath=out)
+        return qdq_node_counts(out)
 
 
 def integer_kernel_count(counts: Dict[str, int]) -> int:
@@ -62,14 +47,12 @@ def float_conv_count(counts: Dict[str, int]) -> int:
     return sum(n for op, n in counts.items() if op in FLOAT_CONV_OPS)
 
 
-def time_session(path: str, shape: Sequence[int], threads: int, runs: int = 20, warmup: int = 3,
-                 seed: int = 0) -> List[float]:
+def time_session(path: str, shape: Sequence[int], threads: int, runs: int = 20, warmup: int = 3) -> List[float]:
     """Seconds per run of the graph at ``path`` on a seeded N(0, 1) input of ``shape`` (default session)."""
-    import onnxruntime as ort
     if runs < 1 or warmup < 0 or threads < 1:
         raise ValueError(f'runs and threads must be >= 1 and warmup >= 0, got {runs}, {threads}, {warmup}')
-    session = ort.InferenceSession(path, _session_options(threads), providers=['CPUExecutionProvider'])
-    x = np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32)
+    session = onnxruntime_session(path, threads=threads, log_severity_level=3)
+    x = np.random.default_rng(0).standard_normal(tuple(shape)).astype(np.float32)
     feed = {session.get_inputs()[0].name: x}
     for _ in range(warmup):
         session.run(None, feed)

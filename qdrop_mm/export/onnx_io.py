@@ -144,10 +144,10 @@ def weight_constants(path: str) -> List[WeightConstant]:
 
 
 def onnxruntime_session(source: Union[str, bytes], optimization: str = 'all', quantize_bias: bool = True,
-                        threads: int = 1):
+                        threads: int = 1, **options):
     """An onnxruntime CPU session; the defaults are onnxruntime's default session (all optimizations, including
     ``WeightBiasQuantization``, which rounds a float conv bias to int32 at scale s_x·s_w), on ``threads``
-    intra-op threads."""
+    intra-op threads. ``options``: further ``SessionOptions`` attributes (e.g. ``optimized_model_filepath``)."""
     import onnxruntime as ort
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f'optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}')
@@ -159,6 +159,8 @@ def onnxruntime_session(source: Union[str, bytes], optimization: str = 'all', qu
     opts.graph_optimization_level = level
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    for name, value in options.items():
+        setattr(opts, name, value)
     disabled = [] if quantize_bias else [BIAS_QUANTIZATION_PASS]
     return ort.InferenceSession(source, opts, providers=['CPUExecutionProvider'], disabled_optimizers=disabled)
 
