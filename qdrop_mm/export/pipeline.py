@@ -72,7 +72,7 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
     from qdrop_mm.api import build_quantized_model
     from .onnx_io import export_onnx, qdq_node_counts, require_onnx
     from .int32_bias import describe_rounding
-    from .parity import compare_outputs, quantizer_agreement, run_onnxruntime
+    from .parity import compare_outputs, quantizer_agreement, reference_outputs, run_onnxruntime
     from .prepare import prepare_export
     from .onnx_io import MethodForward
     require_onnx()
@@ -124,24 +124,18 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
             f'but TensorRT takes only INT8 with zero point 0, e.g. {summary.uint8_tensors[:3]}')
     if check or check_image:
         source = check_image or 'seeded random input'
-        inputs = example if whole else x
-        ref = _outputs(reference, example)
-        result['parity'] = compare_outputs(ref, run_onnxruntime(out, inputs))
-        result['parity_bias_int32'] = compare_outputs(ref, run_onnxruntime(out, inputs, quantize_bias=True))
+        ref = reference_outputs(reference, example)
+        result['parity'] = compare_outputs(ref, run_onnxruntime(out, example))
+        result['parity_bias_int32'] = compare_outputs(ref, run_onnxruntime(out, example, quantize_bias=True))
         log(f'onnxruntime vs PyTorch fake-quant ({source}): {result["parity"].describe()}')
         log(f'  onnxruntime default session (rounds conv biases to int32 at scale s_x*s_w'
             f'{"" if float_bias else ": already on that grid"}): {result["parity_bias_int32"].describe()}')
-        result['agreement'] = quantizer_agreement(out, graph_module, inputs)
+        result['agreement'] = quantizer_agreement(out, graph_module, example)
         _describe_first_divergence(result['agreement'], log)
     if evaluate_images is not None:
         result['evaluation'] = evaluate_graph(cfg, model, out, result['levels'], evaluate_images or None, nms)
         log(describe_evaluation(result['evaluation']))
     return result
-
-
-def _outputs(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    with torch.no_grad():
-        return list(module(*example))
 
 
 def evaluate_graph(cfg: Any, model: torch.nn.Module, path: str, num_levels: int,
