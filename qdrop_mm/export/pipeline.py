@@ -13,6 +13,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .evaluate import evaluate, model_predictor
+from .int32_bias import describe_rounding
+from .onnx_io import MethodForward, export_onnx, qdq_node_counts, require_onnx
+from .parity import (compare_outputs, first_divergence, quantizer_agreement, random_input, reference_outputs,
+                     run_onnxruntime)
+from .prepare import prepare_export
+from .whole import (ROI_ALIGN_OPSET, GraphPredictor, GraphRunner, WholeModel, compare_detections,
+                    compare_segmentation, example_rois, model_kind, num_feature_levels)
+
 DEFAULT_SHAPE = (1, 3, 800, 1344)
 
 
@@ -34,7 +43,6 @@ def image_input(cfg: Any, model: torch.nn.Module, path: str) -> torch.Tensor:
 def input_tensor(cfg: Any, model: torch.nn.Module, input_shape: Optional[Sequence[int]] = None,
                  check_image: Optional[str] = None) -> torch.Tensor:
     """The export/check input: ``check_image`` preprocessed, else a seeded random tensor of ``input_shape``."""
-    from .parity import random_input
     if check_image is None:
         return random_input(tuple(input_shape or DEFAULT_SHAPE))
     x = image_input(cfg, model, check_image)
@@ -45,7 +53,6 @@ def input_tensor(cfg: Any, model: torch.nn.Module, input_shape: Optional[Sequenc
 
 
 def _describe_first_divergence(agreement, log: Callable[[str], None]) -> None:
-    from .parity import first_divergence
     first = first_divergence(agreement)
     if first is None:
         log(f'  all {len(agreement)} activation quantizers give identical integers')
@@ -70,11 +77,6 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
     onnxruntime's default session, one image per run, and how many detections agree.
     """
     from qdrop_mm.api import build_quantized_model
-    from .onnx_io import export_onnx, qdq_node_counts, require_onnx
-    from .int32_bias import describe_rounding
-    from .parity import compare_outputs, quantizer_agreement, reference_outputs, run_onnxruntime
-    from .prepare import prepare_export
-    from .onnx_io import MethodForward
     require_onnx()
     cfg, model = build_quantized_model(config, quantized, cfg_options)
     if not hasattr(model, 'extract_feat'):
@@ -87,7 +89,6 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
     out = output_path(quantized, out, whole)
     result: Dict[str, Any] = {'out': out, 'parity': None, 'model': model, 'cfg': cfg}
     if whole:
-        from .whole import ROI_ALIGN_OPSET, WholeModel, example_rois, num_feature_levels
         reference = WholeModel(model, nms)
         if reference.kind == 'two_stage' and opset < ROI_ALIGN_OPSET:
             raise ValueError(f'--opset must be >= {ROI_ALIGN_OPSET} for a two-stage detector (RoiAlign), got {opset}')
@@ -143,8 +144,6 @@ def evaluate_graph(cfg: Any, model: torch.nn.Module, path: str, num_levels: int,
     """The config's metric for ``model`` (PyTorch, ``test_step``) and for the whole-model graph at ``path`` in
     onnxruntime's default session (decoded by :class:`~.whole.GraphPredictor`), on the same images, one per
     run, and how far their predictions agree (:func:`~.whole.compare_detections` / ``compare_segmentation``)."""
-    from .evaluate import evaluate, model_predictor
-    from .whole import GraphPredictor, GraphRunner, compare_detections, compare_segmentation, model_kind
     kind = model_kind(model)
     kept: Dict[str, List[Any]] = {'pytorch': [], 'onnxruntime': []}
 
