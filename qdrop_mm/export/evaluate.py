@@ -31,17 +31,11 @@ def evaluate(cfg: Any, predictors: Dict[str, Predictor], max_images: Optional[in
     if max_images is not None:
         loader_cfg['dataset']['indices'] = max_images
     loader = Runner.build_dataloader(loader_cfg)
-    evaluators = {}
-    for name in predictors:
-        evaluators[name] = Evaluator(copy.deepcopy(cfg.test_evaluator))
-        evaluators[name].dataset_meta = loader.dataset.metainfo
+    evaluators = {name: Evaluator(copy.deepcopy(cfg.test_evaluator)) for name in predictors}
+    for evaluator in evaluators.values():
+        evaluator.dataset_meta = loader.dataset.metainfo
     with torch.no_grad():
         for batch in loader:
             for name, predict in predictors.items():
                 evaluators[name].process(data_samples=predict(batch), data_batch=batch)
     return {name: e.evaluate(len(loader.dataset)) for name, e in evaluators.items()}
-
-
-def model_predictor(model: torch.nn.Module) -> Predictor:
-    """``model.test_step`` as a predictor for :func:`evaluate` (the PyTorch reference)."""
-    return lambda batch: model.test_step(batch)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .evaluate import evaluate, model_predictor
+from .evaluate import evaluate
 from .int32_bias import describe_rounding
 from .onnx_io import MethodForward, export_onnx, qdq_node_counts, require_onnx
 from .parity import (compare_outputs, first_divergence, quantizer_agreement, random_input, reference_outputs,
@@ -155,7 +155,7 @@ def evaluate_graph(cfg: Any, model: torch.nn.Module, path: str, num_levels: int,
         return run
 
     graph = GraphPredictor(model, GraphRunner(path), num_levels, nms)
-    metrics = evaluate(cfg, {'pytorch': keep('pytorch', model_predictor(model)),
+    metrics = evaluate(cfg, {'pytorch': keep('pytorch', model.test_step),
                              'onnxruntime': keep('onnxruntime', graph)}, max_images=max_images, batch_size=1)
     compare = compare_segmentation if kind == 'segmentor' else compare_detections
     return {'metrics': metrics, 'agreement': compare(kept['pytorch'], kept['onnxruntime']),
