@@ -71,10 +71,10 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
 
     ``whole``: the whole model (heads' raw outputs, see :mod:`.whole`; opset >= 16 for two-stage RoI heads),
     else ``extract_feat``; ``nms`` (whole single-stage detectors, static shape, batch 1): box decoding and NMS in
-    the graph, outputs ``dets`` and ``labels``. ``check``/``check_image``: compare the graph in onnxruntime with the PyTorch
-    fake-quant model (with the same int32-grid biases) on a random input / an image. ``evaluate_images``
-    (whole only; 0 = the whole test split): the config's metric for the PyTorch model and for the graph in
-    onnxruntime's default session, one image per run, and how many detections agree.
+    the graph, outputs ``dets`` and ``labels``. ``check``/``check_image``: compare the graph in onnxruntime with
+    the PyTorch fake-quant model (with the same int32-grid biases) on a random input / an image.
+    ``evaluate_images`` (whole only; 0 = the whole test split): the config's metric for the PyTorch model and for
+    the graph in onnxruntime's default session, one image per run, and how many detections agree.
     """
     from qdrop_mm.api import build_quantized_model
     require_onnx()
