@@ -7,9 +7,8 @@ compares it with the PyTorch model (``check``) and evaluates both on the config'
 """
 from __future__ import annotations
 
-import copy
 import os.path as osp
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -144,20 +143,10 @@ def evaluate_graph(cfg: Any, model: torch.nn.Module, path: str, num_levels: int,
     """The config's metric for ``model`` (PyTorch, ``test_step``) and for the whole-model graph at ``path`` in
     onnxruntime's default session (decoded by :class:`~.whole.GraphPredictor`), on the same images, one per
     run, and how far their predictions agree (:func:`~.whole.compare_detections` / ``compare_segmentation``)."""
-    kind = model_kind(model)
-    kept: Dict[str, List[Any]] = {'pytorch': [], 'onnxruntime': []}
-
-    def keep(name: str, predict: Callable[[dict], List[Any]]) -> Callable[[dict], List[Any]]:
-        def run(batch: dict) -> List[Any]:
-            samples = predict(copy.deepcopy(batch))
-            kept[name].extend(samples)
-            return samples
-        return run
-
     graph = GraphPredictor(model, GraphRunner(path), num_levels, nms)
-    metrics = evaluate(cfg, {'pytorch': keep('pytorch', model.test_step),
-                             'onnxruntime': keep('onnxruntime', graph)}, max_images=max_images, batch_size=1)
-    compare = compare_segmentation if kind == 'segmentor' else compare_detections
+    metrics, kept = evaluate(cfg, {'pytorch': model.test_step, 'onnxruntime': graph}, max_images=max_images,
+                             batch_size=1)
+    compare = compare_segmentation if model_kind(model) == 'segmentor' else compare_detections
     return {'metrics': metrics, 'agreement': compare(kept['pytorch'], kept['onnxruntime']),
             'images': len(kept['pytorch'])}
 
