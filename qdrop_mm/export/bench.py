@@ -6,18 +6,33 @@ activations, INT8 weights, int32 accumulation) where its patterns match; the
 rest runs in FP32 on dequantized values. :func:`optimized_op_counts` saves that
 rewritten graph (``SessionOptions.optimized_model_filepath``) and counts its
 nodes, :func:`integer_kernel_count` the integer ones.
+
+The command line (``tools/bench_onnx.py`` is its shim)::
+
+    python tools/bench_onnx.py --graph fp32=fp32.onnx --graph w8a8=w8a8.onnx --graph w4a4=w4a4.onnx
+        [--input-shape 1 3 H W] [--threads 1 2] [--runs 20] [--warmup 3] [--baseline fp32] [--json out.json]
+
+prints a markdown table: latency per image (median and min over --runs), file size, how many nodes of
+onnxruntime's optimized graph compute on integers (QLinearConv, ...) and how many convs stay FP32. Bad
+input prints ``error: <message>`` and exits with status 1.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from .onnx_io import MethodForward, export_onnx, onnxruntime_session, qdq_node_counts
+from .parity import random_input
 
 # onnxruntime ops that compute on integers (contrib ops included)
 INTEGER_OPS = ('QLinearConv', 'ConvInteger', 'QLinearMatMul', 'MatMulInteger', 'MatMulIntegerToFloat', 'QGemm',
@@ -27,29 +42,12 @@ INTEGER_OPS = ('QLinearConv', 'ConvInteger', 'QLinearMatMul', 'MatMulInteger', '
 FLOAT_CONV_OPS = ('Conv', 'FusedConv', 'ConvTranspose', 'Gemm', 'MatMul', 'FusedMatMul')
 
 
-def _session_options(threads: int, optimized_path: Optional[str] = None):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if optimized_path is not None:
-        opts.optimized_model_filepath = optimized_path
-    return opts
-
-
 def optimized_op_counts(path: str) -> Dict[str, int]:
     """Node count per op type of the graph onnxruntime runs for ``path`` (default session, CPU provider)."""
-    import onnx
-    import onnxruntime as ort
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'optimized.onnx')
-        ort.InferenceSession(path, _session_options(1, out), providers=['CPUExecutionProvider'])
-        counts: Dict[str, int] = {}
-        for node in onnx.load(out).graph.node:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+        onnxruntime_session(path, log_severity_level=3, optimized_model_filepath=out)
+        return qdq_node_counts(out)
 
 
 def integer_kernel_count(counts: Dict[str, int]) -> int:
@@ -62,14 +60,12 @@ def float_conv_count(counts: Dict[str, int]) -> int:
     return sum(n for op, n in counts.items() if op in FLOAT_CONV_OPS)
 
 
-def time_session(path: str, shape: Sequence[int], threads: int, runs: int = 20, warmup: int = 3,
-                 seed: int = 0) -> List[float]:
+def time_session(path: str, shape: Sequence[int], threads: int, runs: int = 20, warmup: int = 3) -> List[float]:
     """Seconds per run of the graph at ``path`` on a seeded N(0, 1) input of ``shape`` (default session)."""
-    import onnxruntime as ort
     if runs < 1 or warmup < 0 or threads < 1:
         raise ValueError(f'runs and threads must be >= 1 and warmup >= 0, got {runs}, {threads}, {warmup}')
-    session = ort.InferenceSession(path, _session_options(threads), providers=['CPUExecutionProvider'])
-    x = np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32)
+    session = onnxruntime_session(path, threads=threads, log_severity_level=3)
+    x = np.random.default_rng(0).standard_normal(tuple(shape)).astype(np.float32)
     feed = {session.get_inputs()[0].name: x}
     for _ in range(warmup):
         session.run(None, feed)
@@ -132,3 +128,73 @@ def write_json(rows: Sequence[BenchRow], path: str, meta: Optional[dict] = None)
     """Rows (and ``meta``: machine, command, ...) as JSON."""
     with open(path, 'w') as f:
         json.dump({'meta': meta or {}, 'rows': [asdict(r) for r in rows]}, f, indent=1)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description='Benchmark ONNX graphs in onnxruntime CPU')
+    p.add_argument('--graph', action='append', default=[], metavar='NAME=PATH', help='a graph to time (repeat)')
+    p.add_argument('--fp32-from', nargs=3, metavar=('CONFIG', 'CHECKPOINT', 'OUT'),
+                   help='first export the FP model\'s extract_feat (backbone + neck) to OUT and time it as "fp32"')
+    p.add_argument('--input-shape', type=int, nargs=4, default=[1, 3, 800, 1344], metavar=('N', 'C', 'H', 'W'))
+    p.add_argument('--threads', type=int, nargs='+', default=[1, 2], help='intra-op thread counts (default 1 2)')
+    p.add_argument('--runs', type=int, default=20, help='timed runs per graph and thread count (default 20)')
+    p.add_argument('--warmup', type=int, default=3, help='untimed runs first (default 3)')
+    p.add_argument('--baseline', help='graph name the speedup column divides by (default: the first)')
+    p.add_argument('--json', metavar='FILE', help='also write the rows as JSON')
+    return p.parse_args(argv)
+
+
+def graphs_from_args(items: Sequence[str]) -> Dict[str, str]:
+    """{name: path} of the ``--graph NAME=PATH`` arguments."""
+    graphs = {}
+    for item in items:
+        name, sep, path = item.partition('=')
+        if not sep or not name or not path:
+            raise ValueError(f'--graph must be NAME=PATH, got {item!r}')
+        if name in graphs:
+            raise ValueError(f'--graph name {name!r} given twice')
+        graphs[name] = path
+    return graphs
+
+
+def export_fp32(config: str, checkpoint: str, out: str, shape: Sequence[int]) -> str:
+    """The FP model's extract_feat as ONNX at ``out`` (same input convention as tools/export_onnx.py)."""
+    for path, what in ((config, 'config'), (checkpoint, 'checkpoint')):
+        if not os.path.isfile(path):
+            raise ValueError(f'--fp32-from: {what} not found: {path}')
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.runner import load_checkpoint
+    cfg = Config.fromfile(config)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    model = MODELS.build(cfg.model).eval()
+    load_checkpoint(model, checkpoint, map_location='cpu', logger='silent')
+    export_onnx(MethodForward(model, 'extract_feat'), random_input(shape), out)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[BenchRow]:
+    """The command line (module docstring); returns the rows. Bad input raises ``SystemExit('error: ...')``."""
+    args = parse_args(argv)
+    try:
+        graphs = graphs_from_args(args.graph)
+        if args.fp32_from:
+            graphs = {'fp32': export_fp32(*args.fp32_from, args.input_shape), **graphs}
+        if not graphs:
+            raise ValueError('no graphs: give --graph NAME=PATH and/or --fp32-from')
+        if min(args.input_shape) < 1:
+            raise ValueError(f'--input-shape must be positive, got {args.input_shape}')
+        baseline = args.baseline or next(iter(graphs))
+        if baseline not in graphs:
+            raise ValueError(f'--baseline {baseline!r} is not one of the graphs {list(graphs)}')
+        rows = bench_graphs(graphs, args.input_shape, args.threads, args.runs, args.warmup)
+    except ValueError as err:
+        raise SystemExit(f'error: {err}') from None
+    print(format_table(rows, baseline))
+    if args.json:
+        import onnxruntime
+        write_json(rows, args.json, {'command': ' '.join(sys.argv), 'input_shape': args.input_shape,
+                                     'machine': platform.processor() or platform.machine(),
+                                     'onnxruntime': onnxruntime.__version__, 'baseline': baseline})
+        print(f'wrote {args.json}')
+    return rows

@@ -48,7 +48,7 @@ class BiasRounding:
     name: str
     input_scale: float
     max_change: float  # largest |b' − b|
-    max_change_steps: float  # largest |b' − b| / (s_x·s_w) over the channels (0.5 at most where float32 holds k exactly)
+    max_change_steps: float  # largest |b' − b| / (s_x·s_w) over the channels (≤ 0.5 where float32 holds k exactly)
 
 
 def layer_input_scales(exported: nn.Module, run: Callable[[nn.Module], object]) -> Dict[str, Tensor]:
@@ -196,6 +196,6 @@ def describe_rounding(changes: List[BiasRounding]) -> str:
     """One line: how many biases moved and by how much at most."""
     if not changes:
         return 'no layer has a quantized input: no bias moved'
-    worst: Optional[BiasRounding] = max(changes, key=lambda c: c.max_change)
+    worst = max(changes, key=lambda c: c.max_change)
     return (f'{len(changes)} biases on the int32 grid s_x*s_w (largest change {worst.max_change:.3g} in '
             f'{worst.name}, at most {max(c.max_change_steps for c in changes):.2f} grid steps)')

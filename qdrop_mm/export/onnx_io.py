@@ -7,6 +7,7 @@ TorchScript exporter (``dynamo=False``): it maps the ``symbolic`` methods of
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -85,8 +86,8 @@ def export_onnx(module: nn.Module, example: Union[Tensor, Tuple[Tensor, ...]], p
     return output_names
 
 
-def inline_shared_constants(path: str) -> int:
-    """Replace ``Identity(initializer)`` nodes by copies of the initializer; returns how many.
+def inline_shared_constants(path: str) -> None:
+    """Replace ``Identity(initializer)`` nodes by copies of the initializer.
 
     The TorchScript exporter stores equal constants once (e.g. every zero point 0) and aliases the
     others through Identity nodes; consumers that pattern-match Q/DQ want the constants themselves.
@@ -104,16 +105,12 @@ def inline_shared_constants(path: str) -> int:
         graph.node.remove(node)
     if aliases:
         onnx.save(model, path)
-    return len(aliases)
 
 
 def qdq_node_counts(path: str) -> Dict[str, int]:
     """Number of nodes per op type in the ONNX graph at ``path``."""
     import onnx
-    counts: Dict[str, int] = {}
-    for node in onnx.load(path).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+    return dict(Counter(node.op_type for node in onnx.load(path).graph.node))
 
 
 @dataclass
@@ -144,10 +141,10 @@ def weight_constants(path: str) -> List[WeightConstant]:
 
 
 def onnxruntime_session(source: Union[str, bytes], optimization: str = 'all', quantize_bias: bool = True,
-                        threads: int = 1):
+                        threads: int = 1, **options):
     """An onnxruntime CPU session; the defaults are onnxruntime's default session (all optimizations, including
     ``WeightBiasQuantization``, which rounds a float conv bias to int32 at scale s_x·s_w), on ``threads``
-    intra-op threads."""
+    intra-op threads. ``options``: further ``SessionOptions`` attributes (e.g. ``optimized_model_filepath``)."""
     import onnxruntime as ort
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f'optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}')
@@ -159,6 +156,8 @@ def onnxruntime_session(source: Union[str, bytes], optimization: str = 'all', qu
     opts.graph_optimization_level = level
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    for name, value in options.items():
+        setattr(opts, name, value)
     disabled = [] if quantize_bias else [BIAS_QUANTIZATION_PASS]
     return ort.InferenceSession(source, opts, providers=['CPUExecutionProvider'], disabled_optimizers=disabled)
 

@@ -35,6 +35,7 @@ Other activations keep activation → Clip → QuantizeLinear → DequantizeLine
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import FrozenSet, List, Optional, Tuple
 
@@ -86,12 +87,9 @@ class _RequantizeClip(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, clip_lo: Tensor, clip_hi: Tensor) -> Tensor:
-        lo, hi = _storage_range(zero_point.dtype)
-        z = zero_point.to(x.dtype)
-        q = torch.clamp(torch.round(x / scale) + z, lo, hi)
-        x = torch.clamp((q - z) * scale, clip_lo, clip_hi)
-        q = torch.clamp(torch.round(x / scale) + z, lo, hi)
-        return (q - z) * scale
+        qdq = _QuantizeDequantize.forward  # QuantizeLinear → DequantizeLinear (no Clip)
+        x = torch.clamp(qdq(None, x, scale, zero_point, clip_lo, clip_hi, False), clip_lo, clip_hi)
+        return qdq(None, x, scale, zero_point, clip_lo, clip_hi, False)
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, clip_lo, clip_hi):
@@ -305,12 +303,11 @@ class QDQSummary:
         return [name for name, _, storage in self.weights + self.activations if storage == 'uint8']
 
     def describe(self) -> str:
-        def count(items, storage):
-            return sum(s == storage for _, _, s in items)
-        n_float = count(self.weights, 'float')
-        return (f'{len(self.weights) - n_float} weight DequantizeLinear (per channel; {count(self.weights, "int8")} INT8, '
-                f'{count(self.weights, "uint8")} UINT8), {n_float} FP32 weight constant(s), {len(self.activations)} activation Quantize/DequantizeLinear '
-                f'pairs (per tensor; {count(self.activations, "int8")} INT8, {count(self.activations, "uint8")} UINT8)')
+        w = Counter(storage for _, _, storage in self.weights)
+        a = Counter(storage for _, _, storage in self.activations)
+        return (f'{len(self.weights) - w["float"]} weight DequantizeLinear (per channel; {w["int8"]} INT8, '
+                f'{w["uint8"]} UINT8), {w["float"]} FP32 weight constant(s), {len(self.activations)} activation '
+                f'Quantize/DequantizeLinear pairs (per tensor; {a["int8"]} INT8, {a["uint8"]} UINT8)')
 
 
 def _convert_children(module: nn.Module, prefix: str, summary: QDQSummary, options: QDQOptions) -> None:

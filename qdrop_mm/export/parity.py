@@ -54,10 +54,10 @@ def compare_outputs(reference: Sequence[Tensor], outputs: Sequence[np.ndarray], 
     return Parity(max_abs, max_rel, above / max(numel, 1), numel)
 
 
-def reference_outputs(module: nn.Module, x: Tensor) -> List[Tensor]:
-    """``module(x)`` as a list of tensors, without gradients."""
+def reference_outputs(module: nn.Module, x: Union[Tensor, Tuple[Tensor, ...]]) -> List[Tensor]:
+    """``module(x)`` (``module(*x)`` for a tuple) as a list of tensors, without gradients."""
     with torch.no_grad():
-        out = module(x)
+        out = module(*(x if isinstance(x, tuple) else (x,)))
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
@@ -91,13 +91,10 @@ def quantizer_agreement(path: str, module: nn.Module, x: Union[Tensor, Tuple[Ten
         if not isinstance(names.get(name), QDQActivation):
             raise ValueError(f'graph quantizer {name!r} is not a QDQActivation of the given module')
         owner, _, attr = name.rpartition('.')
-        if attr == 'act_quantizer' and isinstance(names.get(owner), QDQLayer):
-            # the layer applies it with quantize_after (no forward call): its output is the quantizer's
-            handles.append(names[owner].register_forward_hook(
-                lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())))
-        else:
-            handles.append(names[name].register_forward_hook(
-                lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())))
+        # a QDQLayer applies its act_quantizer with quantize_after (no forward call): its output is the quantizer's
+        hooked = names[owner] if attr == 'act_quantizer' and isinstance(names.get(owner), QDQLayer) else names[name]
+        handles.append(hooked.register_forward_hook(
+            lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())))
     try:
         with torch.no_grad():
             module(*(x if isinstance(x, tuple) else (x,)))

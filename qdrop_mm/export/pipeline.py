@@ -7,11 +7,19 @@ compares it with the PyTorch model (``check``) and evaluates both on the config'
 """
 from __future__ import annotations
 
-import copy
 import os.path as osp
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
+
+from .evaluate import evaluate
+from .int32_bias import describe_rounding
+from .onnx_io import MethodForward, export_onnx, qdq_node_counts, require_onnx
+from .parity import (compare_outputs, first_divergence, quantizer_agreement, random_input, reference_outputs,
+                     run_onnxruntime)
+from .prepare import prepare_export
+from .whole import (ROI_ALIGN_OPSET, GraphPredictor, GraphRunner, WholeModel, compare_detections,
+                    compare_segmentation, example_rois, model_kind, num_feature_levels)
 
 DEFAULT_SHAPE = (1, 3, 800, 1344)
 
@@ -34,7 +42,6 @@ def image_input(cfg: Any, model: torch.nn.Module, path: str) -> torch.Tensor:
 def input_tensor(cfg: Any, model: torch.nn.Module, input_shape: Optional[Sequence[int]] = None,
                  check_image: Optional[str] = None) -> torch.Tensor:
     """The export/check input: ``check_image`` preprocessed, else a seeded random tensor of ``input_shape``."""
-    from .parity import random_input
     if check_image is None:
         return random_input(tuple(input_shape or DEFAULT_SHAPE))
     x = image_input(cfg, model, check_image)
@@ -45,7 +52,6 @@ def input_tensor(cfg: Any, model: torch.nn.Module, input_shape: Optional[Sequenc
 
 
 def _describe_first_divergence(agreement, log: Callable[[str], None]) -> None:
-    from .parity import first_divergence
     first = first_divergence(agreement)
     if first is None:
         log(f'  all {len(agreement)} activation quantizers give identical integers')
@@ -64,17 +70,12 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
 
     ``whole``: the whole model (heads' raw outputs, see :mod:`.whole`; opset >= 16 for two-stage RoI heads),
     else ``extract_feat``; ``nms`` (whole single-stage detectors, static shape, batch 1): box decoding and NMS in
-    the graph, outputs ``dets`` and ``labels``. ``check``/``check_image``: compare the graph in onnxruntime with the PyTorch
-    fake-quant model (with the same int32-grid biases) on a random input / an image. ``evaluate_images``
-    (whole only; 0 = the whole test split): the config's metric for the PyTorch model and for the graph in
-    onnxruntime's default session, one image per run, and how many detections agree.
+    the graph, outputs ``dets`` and ``labels``. ``check``/``check_image``: compare the graph in onnxruntime with
+    the PyTorch fake-quant model (with the same int32-grid biases) on a random input / an image.
+    ``evaluate_images`` (whole only; 0 = the whole test split): the config's metric for the PyTorch model and for
+    the graph in onnxruntime's default session, one image per run, and how many detections agree.
     """
     from qdrop_mm.api import build_quantized_model
-    from .onnx_io import export_onnx, qdq_node_counts, require_onnx
-    from .int32_bias import describe_rounding
-    from .parity import compare_outputs, quantizer_agreement, run_onnxruntime
-    from .prepare import prepare_export
-    from .onnx_io import MethodForward
     require_onnx()
     cfg, model = build_quantized_model(config, quantized, cfg_options)
     if not hasattr(model, 'extract_feat'):
@@ -87,7 +88,6 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
     out = output_path(quantized, out, whole)
     result: Dict[str, Any] = {'out': out, 'parity': None, 'model': model, 'cfg': cfg}
     if whole:
-        from .whole import ROI_ALIGN_OPSET, WholeModel, example_rois, num_feature_levels
         reference = WholeModel(model, nms)
         if reference.kind == 'two_stage' and opset < ROI_ALIGN_OPSET:
             raise ValueError(f'--opset must be >= {ROI_ALIGN_OPSET} for a two-stage detector (RoiAlign), got {opset}')
@@ -124,14 +124,13 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
             f'but TensorRT takes only INT8 with zero point 0, e.g. {summary.uint8_tensors[:3]}')
     if check or check_image:
         source = check_image or 'seeded random input'
-        inputs = example if whole else x
-        ref = _outputs(reference, example)
-        result['parity'] = compare_outputs(ref, run_onnxruntime(out, inputs))
-        result['parity_bias_int32'] = compare_outputs(ref, run_onnxruntime(out, inputs, quantize_bias=True))
+        ref = reference_outputs(reference, example)
+        result['parity'] = compare_outputs(ref, run_onnxruntime(out, example))
+        result['parity_bias_int32'] = compare_outputs(ref, run_onnxruntime(out, example, quantize_bias=True))
         log(f'onnxruntime vs PyTorch fake-quant ({source}): {result["parity"].describe()}')
         log(f'  onnxruntime default session (rounds conv biases to int32 at scale s_x*s_w'
             f'{"" if float_bias else ": already on that grid"}): {result["parity_bias_int32"].describe()}')
-        result['agreement'] = quantizer_agreement(out, graph_module, inputs)
+        result['agreement'] = quantizer_agreement(out, graph_module, example)
         _describe_first_divergence(result['agreement'], log)
     if evaluate_images is not None:
         result['evaluation'] = evaluate_graph(cfg, model, out, result['levels'], evaluate_images or None, nms)
@@ -139,32 +138,15 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
     return result
 
 
-def _outputs(module: torch.nn.Module, example: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    with torch.no_grad():
-        return list(module(*example))
-
-
 def evaluate_graph(cfg: Any, model: torch.nn.Module, path: str, num_levels: int,
                    max_images: Optional[int] = None, nms: bool = False) -> Dict[str, Any]:
     """The config's metric for ``model`` (PyTorch, ``test_step``) and for the whole-model graph at ``path`` in
     onnxruntime's default session (decoded by :class:`~.whole.GraphPredictor`), on the same images, one per
     run, and how far their predictions agree (:func:`~.whole.compare_detections` / ``compare_segmentation``)."""
-    from .evaluate import evaluate, model_predictor
-    from .whole import GraphPredictor, GraphRunner, compare_detections, compare_segmentation, model_kind
-    kind = model_kind(model)
-    kept: Dict[str, List[Any]] = {'pytorch': [], 'onnxruntime': []}
-
-    def keep(name: str, predict: Callable[[dict], List[Any]]) -> Callable[[dict], List[Any]]:
-        def run(batch: dict) -> List[Any]:
-            samples = predict(copy.deepcopy(batch))
-            kept[name].extend(samples)
-            return samples
-        return run
-
     graph = GraphPredictor(model, GraphRunner(path), num_levels, nms)
-    metrics = evaluate(cfg, {'pytorch': keep('pytorch', model_predictor(model)),
-                             'onnxruntime': keep('onnxruntime', graph)}, max_images=max_images, batch_size=1)
-    compare = compare_segmentation if kind == 'segmentor' else compare_detections
+    metrics, kept = evaluate(cfg, {'pytorch': model.test_step, 'onnxruntime': graph}, max_images=max_images,
+                             batch_size=1)
+    compare = compare_segmentation if model_kind(model) == 'segmentor' else compare_detections
     return {'metrics': metrics, 'agreement': compare(kept['pytorch'], kept['onnxruntime']),
             'images': len(kept['pytorch'])}
 

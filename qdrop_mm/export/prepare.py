@@ -24,7 +24,7 @@ class PreparedExport:
 
 
 def prepare_export(model: nn.Module, run: Callable[[nn.Module], object], activation_storage: str = 'int8',
-                   int32_bias: bool = True, requantize: bool = True) -> PreparedExport:
+                   int32_bias: bool = True) -> PreparedExport:
     """Export form of ``model`` for ONNX; with ``int32_bias`` the biases of ``model`` itself move onto the int32 grid.
 
     ``run(module)`` runs one forward pass (e.g. ``lambda m: m.extract_feat(x)``); it finds which activation
@@ -35,13 +35,12 @@ def prepare_export(model: nn.Module, run: Callable[[nn.Module], object], activat
     UINT8 zero point and whose input is not quantized (the stem) gets its weights as FP32 constants: such a
     conv runs in floating point in any runtime, and every zero point left in the graph is 0 (TensorRT).
     """
-    probe, _ = to_qdq(model, QDQOptions(requantize=requantize, activation_storage=activation_storage))
+    probe, _ = to_qdq(model, QDQOptions(activation_storage=activation_storage))
     scales = layer_input_scales(probe, run)
     biases = round_biases_to_int32_grid(model, run, scales, requantized_layers(probe)) if int32_bias else []
     float_weights = sorted(name for name, m in model.named_modules()
                            if isinstance(m, QuantLayer) and name not in scales
                            and integer_weight(m)[0].dtype != torch.int8)
-    options = QDQOptions(requantize=requantize, activation_storage=activation_storage,
-                         float_weights=frozenset(float_weights))
-    module, summary = to_qdq(model, options)
+    module, summary = to_qdq(model, QDQOptions(activation_storage=activation_storage,
+                                               float_weights=frozenset(float_weights)))
     return PreparedExport(module, summary, biases, float_weights)

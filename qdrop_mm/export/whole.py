@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .onnx_io import onnxruntime_session
+
 ROI_ALIGN_OPSET = 16  # RoiAlign with coordinate_transformation_mode
 
 
@@ -122,7 +124,6 @@ def check_decodable(head: nn.Module) -> None:
     """ValueError unless ``head`` decodes as :func:`decode_and_nms` writes it (RetinaNet-like anchor heads)."""
     from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
     name = type(head).__name__
-    cfg = head.test_cfg or {}
     if type(head)._predict_by_feat_single is not BaseDenseHead._predict_by_feat_single:
         raise ValueError(f'{name} decodes with its own _predict_by_feat_single: NMS in the graph is written for '
                          f'anchor heads decoded by mmdet\'s BaseDenseHead (RetinaNet)')
@@ -134,7 +135,7 @@ def check_decodable(head: nn.Module) -> None:
                          f'{type(head.bbox_coder).__name__}')
     if getattr(head.loss_cls, 'custom_cls_channels', False):
         raise ValueError(f'{name}: custom class channels are not supported in the graph')
-    nms = cfg.get('nms') or {}
+    nms = (head.test_cfg or {}).get('nms') or {}
     if nms.get('type', 'nms') != 'nms' or 'iou_threshold' not in nms:
         raise ValueError(f'{name}: test_cfg.nms must be plain nms with an iou_threshold for ONNX NonMaxSuppression, '
                          f'got {dict(nms)}')
@@ -256,15 +257,11 @@ def example_rois(x: Tensor, count: int = 8) -> Tensor:
 class GraphRunner:
     """The raw outputs of a whole-model graph: onnxruntime (``path``) or a PyTorch module (``module``)."""
 
-    def __init__(self, path: Optional[str] = None, module: Optional[nn.Module] = None,
-                 session_options: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, path: Optional[str] = None, module: Optional[nn.Module] = None) -> None:
         if (path is None) == (module is None):
             raise ValueError('give either an ONNX path or a module')
         self.module = module
-        self.session = None
-        if path is not None:
-            from .onnx_io import onnxruntime_session
-            self.session = onnxruntime_session(path, **(session_options or {}))
+        self.session = onnxruntime_session(path) if path is not None else None
 
     def __call__(self, x: Tensor, rois: Optional[Tensor] = None) -> List[Tensor]:
         if self.module is not None:
