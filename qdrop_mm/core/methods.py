@@ -324,8 +324,7 @@ def adaround(opts: MethodOptions) -> MethodConfig:
 
 @register_method('brecq')
 def brecq(opts: MethodOptions) -> MethodConfig:
-    weights = StageConfig(iters=opts.iters, learn_rounding=True, learn_act_steps=False, act_quant=False,
-                          drop_prob=1.0, **opts.stage)
+    weights = adaround(opts).stages[0]  # BRECQ's first stage is AdaRound's
     acts = replace(weights, iters=opts.act_iters, learn_rounding=False, learn_act_steps=True, act_quant=True,
                    a_lr=opts.act_lr_stage2)
     return MethodConfig('brecq', (weights, acts))
@@ -367,6 +366,6 @@ def build_method(name: str, **options: Any) -> MethodConfig:
     opts = MethodOptions(**options, stage=stage, prediction=prediction)
     method = replace(METHODS[name](opts), act_calibration=opts.act_calibration)
     if prediction and method.prediction is None:
-        raise OptionError(next(iter(prediction)), f'{next(iter(prediction))} only applies to methods with a prediction term '
-                         f'(pdquant), not {name!r}')
+        key = next(iter(prediction))
+        raise OptionError(key, f'{key} only applies to methods with a prediction term (pdquant), not {name!r}')
     return method
