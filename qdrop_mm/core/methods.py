@@ -32,14 +32,18 @@ class OptionError(ValueError):
         self.key = key
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise OptionError(name, f'{name} must be a positive integer, got {value!r}')
+def _check_positive_int(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise OptionError(name, f'{name} must be a positive integer, got {value!r}')
 
 
-def _check_unit_interval(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise OptionError(name, f'{name} must be a number in [0, 1], got {value!r}')
+def _check_unit_interval(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise OptionError(name, f'{name} must be a number in [0, 1], got {value!r}')
 
 
 def _check_types(cfg: Any) -> None:
@@ -109,16 +113,11 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check_positive_int('iters', self.iters)
-        _check_positive_int('batch_size', self.batch_size)
-        _check_positive_int('accum_steps', self.accum_steps)
+        _check_positive_int(self, 'iters', 'batch_size', 'accum_steps')
         if self.schedule not in SCHEDULES:
             raise OptionError('schedule', f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
-        _check_positive_int('log_interval', self.log_interval)
-        _check_unit_interval('drop_prob', self.drop_prob)
-        _check_unit_interval('warmup', self.warmup)
-        _check_unit_interval('early_stop_rel_tol', self.early_stop_rel_tol)
-        _check_unit_interval('early_stop_after', self.early_stop_after)
+        _check_positive_int(self, 'log_interval')
+        _check_unit_interval(self, 'drop_prob', 'warmup', 'early_stop_rel_tol', 'early_stop_after')
         if self.early_stop_patience < 0:
             raise OptionError('early_stop_patience', f'early_stop_patience must be an integer >= 0 (0 = off), got {self.early_stop_patience!r}')
         if not (self.learn_rounding or self.learn_act_steps or self.learn_bias):
@@ -224,7 +223,7 @@ class PredictionConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check_positive_int('pd_interval', self.pd_interval)
+        _check_positive_int(self, 'pd_interval')
         if self.dc_iters < 0:
             raise OptionError('dc_iters', f'dc_iters must be an integer >= 0 (0 = no distribution correction), '
                              f'got {self.dc_iters!r}')
@@ -287,9 +286,8 @@ class MethodOptions:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check_positive_int('iters', self.iters)
-        _check_positive_int('act_iters', self.act_iters)
-        _check_unit_interval('drop_prob', self.drop_prob)
+        _check_positive_int(self, 'iters', 'act_iters')
+        _check_unit_interval(self, 'drop_prob')
         if self.act_lr_stage2 < 0:
             raise OptionError('act_lr_stage2', f'act_lr_stage2 must be >= 0, got {self.act_lr_stage2}')
         StageConfig(**self.stage)
