@@ -186,9 +186,6 @@ class FPPredictions:
                 meta = [(g.kind, g.background, g.boxes is not None) for g in groups]
                 self._layout.append((meta, start, cstart, len(context)))
 
-    def __len__(self) -> int:
-        return len(self._layout)
-
     def get(self, i: int) -> Tuple[List[PredictionGroup], List[Tensor]]:
         meta, start, cstart, n_ctx = self._layout[i]
         groups, k = [], start
