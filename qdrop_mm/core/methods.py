@@ -265,10 +265,7 @@ class MethodConfig:
     def to_dict(self) -> Dict[str, Any]:
         stages = [{**asdict(s), 'effective_w_lr': s.effective_w_lr, 'effective_a_lr': s.effective_a_lr,
                    'effective_b_lr': s.effective_b_lr} for s in self.stages]
-        return {'name': self.name, 'stages': stages,
-                'compensation': asdict(self.compensation) if self.compensation else None,
-                'prediction': asdict(self.prediction) if self.prediction else None,
-                'act_calibration': self.act_calibration}
+        return {**asdict(self), 'stages': stages}
 
 
 @dataclass(frozen=True)
