@@ -226,9 +226,8 @@ class PredictionTerm:
     def predictions(self, unit: nn.Module, i: int, unit_output: Tensor) -> List[PredictionGroup]:
         """Predictions on batch i with ``unit``'s output replaced by ``unit_output`` and every later unit FP."""
         _, context = self.fp.get(i)
-        later = self.modules[self._index(unit) + 1:]
         with ExitStack() as stack:
-            for m in later:
+            for m in self.modules[self._index(unit) + 1:]:
                 stack.enter_context(quant_state(m, weight=False, act=False))
             stack.enter_context(replaced_output(unit, unit_output))
             groups, _ = self.source.predict_fn(self.model, self.batches[i], context)
