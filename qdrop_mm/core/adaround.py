@@ -145,9 +145,6 @@ class RoundingRegularizer:
         self.b_start = b_start
         self.b_end = b_end
 
-    def active(self, it: int) -> bool:
-        return it >= self.start_decay
-
     def beta(self, it: int) -> float:
         if it < self.start_decay:
             return self.b_start
@@ -157,7 +154,7 @@ class RoundingRegularizer:
 
     def __call__(self, it: int, quantizers: Iterable[AdaRoundQuantizer]) -> Optional[Tensor]:
         """The regulariser at iteration ``it`` (0-based), or None during warm-up."""
-        if not self.active(it):
+        if it < self.start_decay:
             return None
         beta = self.beta(it)
         return self.weight * sum(q.round_loss(beta) for q in quantizers)

@@ -106,9 +106,7 @@ class LSQActQuantizer(nn.Module):
         self.scale.data.abs_().clamp_(min=EPS)
 
     def quantize(self, x: Tensor) -> Tensor:
-        scale = self.scale
-        if scale.requires_grad:
-            scale = grad_scale(scale, 1.0 / math.sqrt(x.numel() * self.qmax))
+        scale = grad_scale(self.scale, self._grad_factor(x)) if self.scale.requires_grad else self.scale
         return fake_quantize(x, scale, self.zero_point, self.qmax)
 
     def quantizing(self) -> bool:

@@ -32,14 +32,18 @@ class OptionError(ValueError):
         self.key = key
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise OptionError(name, f'{name} must be a positive integer, got {value!r}')
+def _check_positive_int(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise OptionError(name, f'{name} must be a positive integer, got {value!r}')
 
 
-def _check_unit_interval(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise OptionError(name, f'{name} must be a number in [0, 1], got {value!r}')
+def _check_unit_interval(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise OptionError(name, f'{name} must be a number in [0, 1], got {value!r}')
 
 
 def _check_types(cfg: Any) -> None:
@@ -109,16 +113,11 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check_positive_int('iters', self.iters)
-        _check_positive_int('batch_size', self.batch_size)
-        _check_positive_int('accum_steps', self.accum_steps)
+        _check_positive_int(self, 'iters', 'batch_size', 'accum_steps')
         if self.schedule not in SCHEDULES:
             raise OptionError('schedule', f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
-        _check_positive_int('log_interval', self.log_interval)
-        _check_unit_interval('drop_prob', self.drop_prob)
-        _check_unit_interval('warmup', self.warmup)
-        _check_unit_interval('early_stop_rel_tol', self.early_stop_rel_tol)
-        _check_unit_interval('early_stop_after', self.early_stop_after)
+        _check_positive_int(self, 'log_interval')
+        _check_unit_interval(self, 'drop_prob', 'warmup', 'early_stop_rel_tol', 'early_stop_after')
         if self.early_stop_patience < 0:
             raise OptionError('early_stop_patience', f'early_stop_patience must be an integer >= 0 (0 = off), got {self.early_stop_patience!r}')
         if not (self.learn_rounding or self.learn_act_steps or self.learn_bias):
@@ -224,7 +223,7 @@ class PredictionConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check_positive_int('pd_interval', self.pd_interval)
+        _check_positive_int(self, 'pd_interval')
         if self.dc_iters < 0:
             raise OptionError('dc_iters', f'dc_iters must be an integer >= 0 (0 = no distribution correction), '
                              f'got {self.dc_iters!r}')
@@ -266,10 +265,7 @@ class MethodConfig:
     def to_dict(self) -> Dict[str, Any]:
         stages = [{**asdict(s), 'effective_w_lr': s.effective_w_lr, 'effective_a_lr': s.effective_a_lr,
                    'effective_b_lr': s.effective_b_lr} for s in self.stages]
-        return {'name': self.name, 'stages': stages,
-                'compensation': asdict(self.compensation) if self.compensation else None,
-                'prediction': asdict(self.prediction) if self.prediction else None,
-                'act_calibration': self.act_calibration}
+        return {**asdict(self), 'stages': stages}
 
 
 @dataclass(frozen=True)
@@ -287,9 +283,8 @@ class MethodOptions:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check_positive_int('iters', self.iters)
-        _check_positive_int('act_iters', self.act_iters)
-        _check_unit_interval('drop_prob', self.drop_prob)
+        _check_positive_int(self, 'iters', 'act_iters')
+        _check_unit_interval(self, 'drop_prob')
         if self.act_lr_stage2 < 0:
             raise OptionError('act_lr_stage2', f'act_lr_stage2 must be >= 0, got {self.act_lr_stage2}')
         StageConfig(**self.stage)
@@ -324,8 +319,7 @@ def adaround(opts: MethodOptions) -> MethodConfig:
 
 @register_method('brecq')
 def brecq(opts: MethodOptions) -> MethodConfig:
-    weights = StageConfig(iters=opts.iters, learn_rounding=True, learn_act_steps=False, act_quant=False,
-                          drop_prob=1.0, **opts.stage)
+    weights = adaround(opts).stages[0]  # BRECQ's first stage is AdaRound's
     acts = replace(weights, iters=opts.act_iters, learn_rounding=False, learn_act_steps=True, act_quant=True,
                    a_lr=opts.act_lr_stage2)
     return MethodConfig('brecq', (weights, acts))
@@ -367,6 +361,6 @@ def build_method(name: str, **options: Any) -> MethodConfig:
     opts = MethodOptions(**options, stage=stage, prediction=prediction)
     method = replace(METHODS[name](opts), act_calibration=opts.act_calibration)
     if prediction and method.prediction is None:
-        raise OptionError(next(iter(prediction)), f'{next(iter(prediction))} only applies to methods with a prediction term '
-                         f'(pdquant), not {name!r}')
+        key = next(iter(prediction))
+        raise OptionError(key, f'{key} only applies to methods with a prediction term (pdquant), not {name!r}')
     return method

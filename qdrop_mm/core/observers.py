@@ -52,9 +52,6 @@ class MinMaxObserver:
             raise RuntimeError('observer has seen no data: run calibration before computing qparams')
         return qparams_from_range(self.min_val, self.max_val, self.qmax)
 
-    def reset(self) -> None:
-        self.min_val = self.max_val = None
-
 
 class MSEObserver(MinMaxObserver):
     """L_p-optimal range search, averaged over observed batches.
@@ -90,7 +87,7 @@ class MSEObserver(MinMaxObserver):
         one_sided = bool((x_min >= 0).all())
         offsets = [0] if one_sided else list(range(-self.zp_window, self.zp_window + 1))
         zp_centre = torch.zeros_like(x_min) if one_sided else torch.round(-x_min / xrange * self.qmax)
-        best = (torch.full_like(x_min, float('inf')), x_min.clone(), x_max.clone(), torch.full_like(x_min, self.num))
+        best = [torch.full_like(x_min, float('inf')), x_min.clone(), x_max.clone(), torch.full_like(x_min, self.num)]
 
         def try_fraction(frac: Tensor) -> None:
             score_b, min_b, max_b, frac_b = best
@@ -107,7 +104,6 @@ class MSEObserver(MinMaxObserver):
                 frac_b = torch.where(better, frac, frac_b)
             best[:] = (score_b, min_b, max_b, frac_b)
 
-        best = list(best)
         step = max(1, min(self.coarse_step, self.num))
         for i in range(step, self.num + 1, step):
             try_fraction(torch.full_like(x_min, float(i)))
@@ -126,11 +122,6 @@ class MSEObserver(MinMaxObserver):
         self._count += 1
         self.min_val = self._sum_min / self._count
         self.max_val = self._sum_max / self._count
-
-    def reset(self) -> None:
-        super().reset()
-        self._sum_min = self._sum_max = None
-        self._count = 0
 
 
 def build_observer(kind: str, bits: int, ch_axis: Optional[int] = None) -> MinMaxObserver:

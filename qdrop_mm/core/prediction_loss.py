@@ -68,12 +68,8 @@ class PredictionGroup:
 PredictFn = Callable[[nn.Module, Any, Optional[List[Tensor]]], Tuple[List[PredictionGroup], List[Tensor]]]
 
 
-def _no_fp_unit(name: str) -> Optional[nn.Module]:
-    return None
-
-
-def _any_scope(model: nn.Module, scope_paths: Sequence[str]) -> None:
-    return None
+def _none(*_args: Any) -> None:
+    """The default ``fp_unit`` (no FP module: no correction) and ``check`` (every scope is served)."""
 
 
 @dataclass
@@ -88,8 +84,8 @@ class PredictionSource:
     """
 
     predict_fn: PredictFn
-    fp_unit: Callable[[str], Optional[nn.Module]] = _no_fp_unit
-    check: Callable[[nn.Module, Sequence[str]], None] = _any_scope
+    fp_unit: Callable[[str], Optional[nn.Module]] = _none
+    check: Callable[[nn.Module, Sequence[str]], None] = _none
 
 
 def score_difference(q: Tensor, fp: Tensor, kind: str, temperature: float) -> Tensor:
@@ -190,12 +186,6 @@ class FPPredictions:
                 meta = [(g.kind, g.background, g.boxes is not None) for g in groups]
                 self._layout.append((meta, start, cstart, len(context)))
 
-    def __len__(self) -> int:
-        return len(self._layout)
-
-    def num_bytes(self) -> int:
-        return sum(sum(t.used.values()) for t in self._tiers)
-
     def get(self, i: int) -> Tuple[List[PredictionGroup], List[Tensor]]:
         meta, start, cstart, n_ctx = self._layout[i]
         groups, k = [], start
@@ -225,7 +215,6 @@ class PredictionTerm:
     def __init__(self, model: nn.Module, units: Sequence[Tuple[str, nn.Module]], batches: Sequence[Any],
                  source: PredictionSource, cfg: PredictionConfig, policy: Optional[CachePolicy] = None) -> None:
         self.model, self.batches, self.source, self.cfg = model, batches, source, cfg
-        self.names = [name for name, _ in units]
         self.modules = [m for _, m in units]
         self.device = next(iter(model.buffers())).device
         self.fp = FPPredictions(model, batches, source.predict_fn, policy, int(cfg.pd_cache_gb * GiB), self.device)
@@ -237,9 +226,8 @@ class PredictionTerm:
     def predictions(self, unit: nn.Module, i: int, unit_output: Tensor) -> List[PredictionGroup]:
         """Predictions on batch i with ``unit``'s output replaced by ``unit_output`` and every later unit FP."""
         _, context = self.fp.get(i)
-        later = self.modules[self._index(unit) + 1:]
         with ExitStack() as stack:
-            for m in later:
+            for m in self.modules[self._index(unit) + 1:]:
                 stack.enter_context(quant_state(m, weight=False, act=False))
             stack.enter_context(replaced_output(unit, unit_output))
             groups, _ = self.source.predict_fn(self.model, self.batches[i], context)

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from .capture import CallArgs, ForwardFn, capture_inputs
-from .lsq import LSQActQuantizer
 from .methods import MethodConfig, StageConfig
 from .quant_state import act_quantizers, quant_state
 from .reconstruct import ReconResult, reconstruct_unit
@@ -80,7 +79,6 @@ class PTQCallbacks:
         """A method's own step on ``unit`` after the stages (e.g. QwT's fit, ``record.stage`` = number of
         stages; not resumable) is done: ``record`` is its result, or None when the unit was skipped;
         ``message`` says what happened, in one line."""
-        pass
 
 
 @torch.no_grad()
@@ -93,14 +91,13 @@ def calibrate_activations(model: nn.Module, batches: Sequence[Any], forward_fn: 
     unit runs quantized (quantizers not yet calibrated pass their input through).
     """
     if units is None:
-        return _observe(model, [q for q in act_quantizers(model) if not q.is_calibrated], batches, forward_fn,
-                        quantized=False)
-    return sum(_observe(model, [q for q in act_quantizers(u.module) if not q.is_calibrated], batches, forward_fn,
-                        quantized=True) for u in units)
+        return _observe(model, model, batches, forward_fn, quantized=False)
+    return sum(_observe(model, u.module, batches, forward_fn, quantized=True) for u in units)
 
 
-def _observe(model: nn.Module, aqs: List[LSQActQuantizer], batches: Sequence[Any], forward_fn: ForwardFn,
+def _observe(model: nn.Module, scope: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
              quantized: bool) -> int:
+    aqs = [q for q in act_quantizers(scope) if not q.is_calibrated]
     if not aqs:  # all restored (resume) or already calibrated: no forward pass needed
         return 0
     for q in aqs:
@@ -207,11 +204,8 @@ def _reconstruct(model: nn.Module, unit: Unit, stage_idx: int, stage: StageConfi
     correct = corrections[0] if corrections else None
     cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, cache_policy, correct, unit.calls)
     try:
-        rec = None
-        for hook in hooks:
-            rec = hook.reconstruct(unit, cache, stage, cb.progress)
-            if rec is not None:
-                break
+        recs = (hook.reconstruct(unit, cache, stage, cb.progress) for hook in hooks)
+        rec = next((r for r in recs if r is not None), None)  # the first hook with its own loss
         if rec is None:
             rec = reconstruct_unit(unit.module, cache, stage, progress=cb.progress)
     finally:

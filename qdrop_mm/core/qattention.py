@@ -27,25 +27,16 @@ def split_in_projection(mha: nn.MultiheadAttention) -> Tuple[nn.Linear, nn.Linea
         weights = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
     biases = (mha.in_proj_bias[:e], mha.in_proj_bias[e:2 * e], mha.in_proj_bias[2 * e:]) \
         if mha.in_proj_bias is not None else (None, None, None)
-    layers = []
-    for w, b in zip(weights, biases):
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if b is not None:
-                lin.bias.copy_(b)
-        layers.append(lin)
-    return layers[0], layers[1], layers[2]
+    return tuple(_linear_copy(w, b) for w, b in zip(weights, biases))
 
 
-def out_projection(mha: nn.MultiheadAttention) -> nn.Linear:
-    """``mha.out_proj`` as a plain ``nn.Linear`` copy."""
-    src = mha.out_proj
-    lin = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None)
+def _linear_copy(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
+    """A plain ``nn.Linear`` holding copies of ``weight`` (out, in) and ``bias``."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
-        lin.weight.copy_(src.weight)
-        if src.bias is not None:
-            lin.bias.copy_(src.bias)
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
     return lin
 
 
@@ -62,7 +53,7 @@ class QuantMultiheadAttention(nn.Module):
         self.q_proj = make_projection('q_proj', q)
         self.k_proj = make_projection('k_proj', k)
         self.v_proj = make_projection('v_proj', v)
-        self.out_proj = make_projection('out_proj', out_projection(mha))
+        self.out_proj = make_projection('out_proj', _linear_copy(mha.out_proj.weight, mha.out_proj.bias))
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None,

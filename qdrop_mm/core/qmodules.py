@@ -88,12 +88,17 @@ def apply_layer(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
         y = F.linear(x, weight, layer.bias)
     if getattr(layer, 'norm', None) is not None:
         y = layer.norm(y)
-    if isinstance(layer.act_quantizer, LSQActQuantizer):
-        return layer.act_quantizer.quantize_after(y, layer.activation)
-    if layer.activation is not None:
-        y = layer.activation(y)
-    if layer.act_quantizer is not None:
-        y = layer.act_quantizer(y)
+    return _activate_and_quantize(y, layer.activation, layer.act_quantizer)
+
+
+def _activate_and_quantize(y: Tensor, activation: Optional[nn.Module], quantizer: Optional[nn.Module]) -> Tensor:
+    """``quantizer(activation(y))``, each optional; an LSQ quantizer folds a ReLU/ReLU6 into its kernel."""
+    if isinstance(quantizer, LSQActQuantizer):
+        return quantizer.quantize_after(y, activation)
+    if activation is not None:
+        y = activation(y)
+    if quantizer is not None:  # e.g. the export's QDQ form
+        y = quantizer(y)
     return y
 
 
@@ -111,14 +116,7 @@ class QuantResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.shortcut is None else self.shortcut(x)
-        y = self.branch(x) + identity
-        if isinstance(self.act_quantizer, LSQActQuantizer):
-            return self.act_quantizer.quantize_after(y, self.post_activation)
-        if self.post_activation is not None:
-            y = self.post_activation(y)
-        if self.act_quantizer is not None:  # e.g. the export's QDQ form
-            y = self.act_quantizer(y)
-        return y
+        return _activate_and_quantize(self.branch(x) + identity, self.post_activation, self.act_quantizer)
 
 
 class QuantOutput(nn.Module):

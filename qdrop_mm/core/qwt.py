@@ -208,13 +208,9 @@ def _unit_stride(x: Tensor, y: Tensor) -> Optional[Tuple[int, int]]:
     """Stride s with ceil(size_in / s) = size_out per spatial dim (a 1x1 conv then matches the unit), or None."""
     if x.dim() != 4 or y.dim() != 4 or x.shape[0] != y.shape[0]:
         return None
-    stride = []
-    for n_in, n_out in zip(x.shape[2:], y.shape[2:]):
-        s = next((s for s in range(1, MAX_STRIDE + 1) if (n_in - 1) // s + 1 == n_out), None)
-        if s is None:
-            return None
-        stride.append(s)
-    return stride[0], stride[1]
+    stride = tuple(next((s for s in range(1, MAX_STRIDE + 1) if (n_in - 1) // s + 1 == n_out), None)
+                   for n_in, n_out in zip(x.shape[2:], y.shape[2:]))
+    return None if None in stride else stride
 
 
 def _pixel_rows(t: Tensor) -> Tensor:
@@ -277,9 +273,8 @@ def fit_compensation(model: nn.Module, wrapper: Compensated, batches: Sequence[A
             targets = [call(wrapper, x) for x, call in _capture(model, wrapper, batch, forward_fn, calls)]
         with quant_state(model, weight=True, act=True, drop_prob=1.0):
             got = _capture(model, wrapper, batch, forward_fn, calls)
-            x_qs = [x for x, _ in got]
             bases = [call(wrapper.unit, x) for x, call in got]
-        for x_q, base, target in zip(x_qs, bases, targets):
+        for (x_q, _), base, target in zip(got, bases, targets):
             if not folds:
                 stride = _unit_stride(x_q, base)
                 if stride is None:

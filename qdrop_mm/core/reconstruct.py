@@ -87,16 +87,14 @@ def unit_errors(unit: nn.Module, cache: UnitCache, device: torch.device, act_qua
     return mse.item() / len(cache), err.item() / max(ref.item(), 1e-30)
 
 
-def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
-                     device: Optional[torch.device] = None,
-                     progress: Optional[ProgressFn] = None,
+def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig, progress: Optional[ProgressFn] = None,
                      extra_loss: Optional[ExtraLossFn] = None) -> ReconResult:
     """Run one stage of reconstruction on ``unit`` and harden its rounding.
 
     ``extra_loss(iteration)``, when given, returns a term added to the loss (or None to skip it this
     iteration); it runs inside the unit's training quantizer state (e.g. PD-Quant's prediction term).
     """
-    device = device or next(unit.buffers()).device
+    device = next(unit.buffers()).device
     wqs, aqs = weight_quantizers(unit), act_quantizers(unit)
     loss_before, rel_before = (_mean_across_ranks(v) for v in unit_errors(unit, cache, device, stage.act_quant))
     start = time.perf_counter()
@@ -107,17 +105,13 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig,
             q.init_rounding(layer_weight)
             q.set_mode('soft')
             w_params.append(q.alpha)
-    a_params = []
-    if stage.learn_act_steps:
-        for q in aqs:
-            q.scale.requires_grad_(True)
-            a_params.append(q.scale)
+    a_params = [q.scale for q in aqs] if stage.learn_act_steps else []
     steps_before = [q.scale.detach().clone() for q in aqs]
     b_params = _layer_biases(unit) if stage.learn_bias else []
     if not (w_params or a_params or b_params):  # e.g. BRECQ's activation stage on a unit without act quantizers
         return ReconResult(loss_before, loss_before, 0, 0.0, [], rel_before, rel_before)
-    for b in b_params:
-        b.requires_grad_(True)
+    for p in a_params + b_params:
+        p.requires_grad_(True)
     w_opt = torch.optim.Adam(w_params, lr=stage.effective_w_lr, foreach=True) if w_params else None
     annealed = [{'params': params, 'lr': lr} for params, lr in
                 ((a_params, stage.effective_a_lr), (b_params, stage.effective_b_lr)) if params]
@@ -252,10 +246,7 @@ class EarlyStopper:
         self.flat_checks = 0
 
     def update(self, loss: float) -> bool:
-        if loss < self.best * (1 - self.rel_tol):
-            self.flat_checks = 0
-        else:
-            self.flat_checks += 1
+        self.flat_checks = 0 if loss < self.best * (1 - self.rel_tol) else self.flat_checks + 1
         self.best = min(self.best, loss)
         return self.flat_checks >= self.patience
 
@@ -295,11 +286,9 @@ def _mean_across_ranks(value: float) -> float:
 
 def _average_gradients(params: List[Tensor]) -> None:
     """Under torch.distributed, average the learned parameters' gradients so every rank steps alike."""
-    if world_size() == 1:
+    if world_size() == 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    if not grads:
-        return
     flat = torch.cat([g.reshape(-1) for g in grads])
     all_reduce_mean_([flat])
     offset = 0

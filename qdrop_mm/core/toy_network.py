@@ -25,9 +25,8 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) \
+            if stride != 1 or cin != cout else None
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -77,9 +76,7 @@ def make_toy_setup(seed: int = 0, num_batches: int = 8, batch_size: int = 4, siz
 
 def quantize_toy_block(block: BasicBlock, w_bits: int, a_bits: int) -> QuantResidual:
     """BasicBlock → QuantResidual with activation quantizers placed as the spec says."""
-    shortcut = None
-    if block.downsample is not None:
-        shortcut = QuantLayer(block.downsample[0], w_bits, bn=block.downsample[1])
+    shortcut = None if block.downsample is None else QuantLayer(block.downsample[0], w_bits, bn=block.downsample[1])
     return residual_block([('conv1', block.conv1, block.bn1, nn.ReLU()), ('conv2', block.conv2, block.bn2, None)],
                           shortcut, nn.ReLU(), plain_layers(w_bits, a_bits), a_bits)
 
