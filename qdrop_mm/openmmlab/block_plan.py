@@ -67,7 +67,8 @@ class PlanContext:
     def layer(self, path: str, layer: nn.Module, bn: Optional[nn.Module] = None,
               activation: Optional[nn.Module] = None, quantize_output: bool = True,
               quantize_input: bool = False) -> QuantLayer:
-        """A QuantLayer with this path's bits (``ptq.first_layer_bits`` if it wraps ``input_layer``).
+        """A QuantLayer with this path's bits (``ptq.first_layer_bits`` if it wraps ``input_layer``); its first
+        five parameters are those of ``core.placement.LayerFactory``.
 
         ``bn``: a BatchNorm is folded into the weight; any other norm (GroupNorm, LayerNorm, ...) stays
         FP between the layer and its activation (listed in ``unfolded_norms``). ``quantize_input`` adds
@@ -84,11 +85,6 @@ class PlanContext:
                           a_bits=a_bits if quantize_output else None,
                           w_observer=self.settings.w_observer, a_observer=self.settings.a_observer, norm=norm,
                           in_a_bits=a_bits if quantize_input else None)
-
-    def layer_factory(self, path: str, layer: nn.Module, bn: Optional[nn.Module], activation: Optional[nn.Module],
-                      quantize_output: bool) -> QuantLayer:
-        """:meth:`layer` in the signature of ``core.placement.LayerFactory``."""
-        return self.layer(path, layer, bn=bn, activation=activation, quantize_output=quantize_output)
 
     def out_bits(self, path: str) -> int:
         return self.settings.bits_for(path, first_layer=False)[1]

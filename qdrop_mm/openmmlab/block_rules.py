@@ -64,7 +64,7 @@ def _resnet_block(block: nn.Module, path: str, ctx: PlanContext) -> QuantResidua
     names = ['conv1', 'conv2'] + (['conv3'] if hasattr(block, 'conv3') else [])
     convs = [(f'{path}.{name}', _plain(getattr(block, name), f'{path}.{name}'), getattr(block, f'norm{i}'),
               None if i == len(names) else block.relu) for i, name in enumerate(names, start=1)]
-    branch = block_branch(convs, ctx.layer_factory)
+    branch = block_branch(convs, ctx.layer)
     shortcut = _downsample(block.downsample, f'{path}.downsample', ctx)
     unit = QuantResidual(branch, shortcut, block.relu, ctx.out_bits(path), ctx.settings.a_observer)
     return ctx.add_unit(path, unit, 'block')
