@@ -243,8 +243,8 @@ class SensitivityLoop(TestLoop):
         return [p for p, _ in parts], {p.name: unit for p, unit in parts}
 
     def _quantize(self) -> Tuple[List[Unit], List[dict], Any]:
-        """Held-out batches, the quantized model's units and the forward that reaches every unit in scope (the
-        model's own forward when heads are in it): RTN (the block plan like PTQLoop, calibrated activation
+        """(the quantized model's units, the held-out batches, the forward that reaches every unit in scope (the
+        model's own forward when heads are in it)): RTN (the block plan like PTQLoop, calibrated activation
         steps), or the model saved in ``quantized`` (e.g. reconstructed by QDrop)."""
         logger, model = self.runner.logger, self.model
         if self.quantized:  # its own settings pick the scope and the held-out images
