@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from qdrop_mm.core import QuantLayer, QuantOutput, QuantResidual, Unit
-from qdrop_mm.core.quant_state import weight_quantizers
 from qdrop_mm.core.qwt import Compensated
 
 from .settings import PTQSettings
@@ -47,10 +46,7 @@ def register_rule(*types: Type[nn.Module]) -> Callable[[RuleFn], RuleFn]:
 
 
 def find_rule(module: nn.Module) -> Optional[RuleFn]:
-    for cls in type(module).__mro__:
-        if cls in _RULES:
-            return _RULES[cls]
-    return None
+    return next((_RULES[cls] for cls in type(module).__mro__ if cls in _RULES), None)
 
 
 class UnsupportedModuleError(ValueError):
@@ -71,7 +67,8 @@ class PlanContext:
     def layer(self, path: str, layer: nn.Module, bn: Optional[nn.Module] = None,
               activation: Optional[nn.Module] = None, quantize_output: bool = True,
               quantize_input: bool = False) -> QuantLayer:
-        """A QuantLayer with this path's bits (``ptq.first_layer_bits`` if it wraps ``input_layer``).
+        """A QuantLayer with this path's bits (``ptq.first_layer_bits`` if it wraps ``input_layer``); its first
+        five parameters are those of ``core.placement.LayerFactory``.
 
         ``bn``: a BatchNorm is folded into the weight; any other norm (GroupNorm, LayerNorm, ...) stays
         FP between the layer and its activation (listed in ``unfolded_norms``). ``quantize_input`` adds
@@ -88,11 +85,6 @@ class PlanContext:
                           a_bits=a_bits if quantize_output else None,
                           w_observer=self.settings.w_observer, a_observer=self.settings.a_observer, norm=norm,
                           in_a_bits=a_bits if quantize_input else None)
-
-    def layer_factory(self, path: str, layer: nn.Module, bn: Optional[nn.Module], activation: Optional[nn.Module],
-                      quantize_output: bool) -> QuantLayer:
-        """:meth:`layer` in the signature of ``core.placement.LayerFactory``."""
-        return self.layer(path, layer, bn=bn, activation=activation, quantize_output=quantize_output)
 
     def out_bits(self, path: str) -> int:
         return self.settings.bits_for(path, first_layer=False)[1]
@@ -175,10 +167,9 @@ def is_plain_layer(module: nn.Module) -> bool:
 
     mmcv's ``Conv2d`` and ``Linear`` wrappers only add empty-tensor support, so they count as plain.
     """
-    if type(module) in (nn.Conv2d, nn.Linear):
-        return True
-    return (isinstance(module, (nn.Conv2d, nn.Linear)) and type(module).__name__ in ('Conv2d', 'Linear')
-            and type(module).__module__.startswith('mmcv.cnn.bricks.wrappers'))
+    return type(module) in (nn.Conv2d, nn.Linear) or (
+        isinstance(module, (nn.Conv2d, nn.Linear)) and type(module).__name__ in ('Conv2d', 'Linear')
+        and type(module).__module__.startswith('mmcv.cnn.bricks.wrappers'))
 
 
 @dataclass
@@ -199,12 +190,9 @@ class ModelPlan:
     fp_layers: List[FPLayer] = field(default_factory=list)
     unfolded_norms: List[Tuple[str, str]] = field(default_factory=list)
 
-    def weight_bits(self) -> Dict[str, int]:
-        return {u.name: sorted({q.bits for q in weight_quantizers(u.module)}) for u in self.units}
-
     def num_weights(self) -> Tuple[int, int]:
         """(quantized weights, FP weights) in scope."""
-        quantized = sum(q.weight.numel() for u in self.units for q in _quantized_layers(u.module))
+        quantized = sum(m.weight.numel() for u in self.units for m in u.module.modules() if isinstance(m, QuantLayer))
         return quantized, sum(f.num_weights for f in self.fp_layers)
 
     def fp_summary(self, max_names: int = 5) -> Optional[str]:
@@ -225,31 +213,24 @@ AUTO_SCOPE = ('backbone', 'neck')
 
 def scope_paths(model: nn.Module, scope: Sequence[str]) -> Tuple[str, ...]:
     """``ptq.scope`` with ``'auto'`` expanded to the backbone and neck the model has (mmseg models often lack a neck)."""
-    paths: List[str] = []
-    for path in scope:
-        if path == 'auto':
-            children = dict(model.named_children())
-            paths += [p for p in AUTO_SCOPE if p in children and p not in paths]
-        elif path not in paths:
-            paths.append(path)
-    return tuple(paths)
+    children = dict(model.named_children())
+    auto = [p for p in AUTO_SCOPE if p in children]
+    return tuple(dict.fromkeys(p for path in scope for p in (auto if path == 'auto' else [path])))
 
 
 def resolve_scope(model: nn.Module, scope: Tuple[str, ...]) -> List[Tuple[str, nn.Module]]:
     """Modules named by ``ptq.scope``; a path that does not exist is an error listing what does."""
-    found = []
     names = dict(model.named_modules())
     paths = scope_paths(model, scope)
+    top = sorted(dict(model.named_children()))
     if not paths:
         raise ValueError(f"ptq.scope 'auto' found neither a backbone nor a neck in {type(model).__name__}; "
-                         f'name the modules to quantize, top-level modules are {sorted(dict(model.named_children()))}')
+                         f'name the modules to quantize, top-level modules are {top}')
     for path in paths:
         if path not in names or path == '':
-            top = sorted(n for n, _ in model.named_children())
             raise ValueError(f'ptq.scope entry {path!r} matches no module of {type(model).__name__}; '
                              f'top-level modules are {top}')
-        found.append((path, names[path]))
-    return found
+    return [(path, names[path]) for path in paths]
 
 
 WEIGHT_LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
@@ -291,10 +272,8 @@ def input_layer_path(model: nn.Module) -> Optional[str]:
     OpenMMLab models register the backbone first and every backbone its stem (or patch embedding)
     first, so this is the stem whatever order ``ptq.scope`` lists the modules in.
     """
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            return name
-    return None
+    layers = (name for name, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)))
+    return next(layers, None)
 
 
 def plan_model(model: nn.Module, settings: PTQSettings,
@@ -333,14 +312,10 @@ def plan_model(model: nn.Module, settings: PTQSettings,
     finally:
         for h in handles:
             h.remove()
-    called = [replace(u, calls=calls[id(u.module)]) for u in units if id(u.module) in order]
-    called.sort(key=lambda u: order[id(u.module)])
+    called = sorted((replace(u, calls=calls[id(u.module)]) for u in units if id(u.module) in order),
+                    key=lambda u: order[id(u.module)])
     uncalled = [u.name for u in units if id(u.module) not in order]
     return ModelPlan(called, uncalled, fp_layers, list(ctx.unfolded_norms))
-
-
-def _quantized_layers(module: nn.Module) -> List[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, QuantLayer)]
 
 
 def _call_recorder(order: Dict[int, int], calls: Counter, key: int):

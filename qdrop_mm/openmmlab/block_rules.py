@@ -12,7 +12,7 @@ Importing this module registers them.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 from torch import nn
 
@@ -64,7 +64,7 @@ def _resnet_block(block: nn.Module, path: str, ctx: PlanContext) -> QuantResidua
     names = ['conv1', 'conv2'] + (['conv3'] if hasattr(block, 'conv3') else [])
     convs = [(f'{path}.{name}', _plain(getattr(block, name), f'{path}.{name}'), getattr(block, f'norm{i}'),
               None if i == len(names) else block.relu) for i, name in enumerate(names, start=1)]
-    branch = block_branch(convs, ctx.layer_factory)
+    branch = block_branch(convs, ctx.layer)
     shortcut = _downsample(block.downsample, f'{path}.downsample', ctx)
     unit = QuantResidual(branch, shortcut, block.relu, ctx.out_bits(path), ctx.settings.a_observer)
     return ctx.add_unit(path, unit, 'block')
@@ -117,13 +117,11 @@ def _inverted_residual(block: nn.Module, path: str, ctx: PlanContext, convs, res
 
 def _fpn(neck: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     """Lateral convs quantize their outputs; output (and extra) convs keep FP outputs by default."""
-    for i, cm in enumerate(neck.lateral_convs):
-        p = f'{path}.lateral_convs.{i}'
-        neck.lateral_convs[i] = ctx.add_unit(p, _conv_module_layer(cm, p, ctx, quantize_output=True), 'layer')
-    for i, cm in enumerate(neck.fpn_convs):
-        p = f'{path}.fpn_convs.{i}'
-        layer = _conv_module_layer(cm, p, ctx, quantize_output=ctx.settings.quantize_fpn_outputs)
-        neck.fpn_convs[i] = ctx.add_unit(p, layer, 'layer')
+    for name, quantize in (('lateral_convs', True), ('fpn_convs', ctx.settings.quantize_fpn_outputs)):
+        convs = getattr(neck, name)
+        for i, cm in enumerate(convs):
+            p = f'{path}.{name}.{i}'
+            convs[i] = ctx.add_unit(p, _conv_module_layer(cm, p, ctx, quantize_output=quantize), 'layer')
     return neck
 
 
@@ -136,7 +134,7 @@ def _depthwise_separable(m: nn.Module, path: str, ctx: PlanContext, quantize_out
 
 def _conv_like(m: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> nn.Module:
     """A ConvModule or DepthwiseSeparableConvModule as quantized layers (no unit declared)."""
-    if _DEPTHWISE_SEPARABLE is not None and isinstance(m, _DEPTHWISE_SEPARABLE):
+    if isinstance(m, _DEPTHWISE_SEPARABLE):
         return _depthwise_separable(m, path, ctx, quantize_output)
     return _conv_module_layer(m, path, ctx, quantize_output)
 
@@ -189,9 +187,8 @@ def _pafpn(neck: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
         ctx.convert_children(getattr(neck, name), f'{path}.{name}')
     for i, conv in enumerate(neck.out_convs):
         p = f'{path}.out_convs.{i}'
-        single = not (_DEPTHWISE_SEPARABLE is not None and isinstance(conv, _DEPTHWISE_SEPARABLE))
-        neck.out_convs[i] = ctx.add_unit(p, _conv_like(conv, p, ctx, ctx.settings.quantize_fpn_outputs),
-                                         'layer' if single else 'block')
+        kind = 'block' if isinstance(conv, _DEPTHWISE_SEPARABLE) else 'layer'
+        neck.out_convs[i] = ctx.add_unit(p, _conv_like(conv, p, ctx, ctx.settings.quantize_fpn_outputs), kind)
     return neck
 
 
@@ -334,7 +331,7 @@ def _transformer_block(block: nn.Module, path: str, ctx: PlanContext) -> nn.Modu
     return ctx.block_unit(block, path)
 
 
-_DEPTHWISE_SEPARABLE: Optional[type] = None
+_DEPTHWISE_SEPARABLE: Tuple[type, ...] = ()  # mmcv's DepthwiseSeparableConvModule when installed
 
 
 def register_openmmlab_rules() -> None:
@@ -352,7 +349,7 @@ def register_openmmlab_rules() -> None:
         from mmcv.cnn import ConvModule, DepthwiseSeparableConvModule
         register_rule(ConvModule)(_conv_module)
         register_rule(DepthwiseSeparableConvModule)(_depthwise_separable_unit)
-        _DEPTHWISE_SEPARABLE = DepthwiseSeparableConvModule
+        _DEPTHWISE_SEPARABLE = (DepthwiseSeparableConvModule,)
     except ImportError:
         pass
     try:

@@ -116,10 +116,15 @@ def check_evaluator_paths(evaluator: Any, key: str = 'test_evaluator') -> None:
             raise PTQConfigError(f'{name}.ann_file: file not found: {ann!r} (must be an existing file)')
 
 
+def preprocess_features(model: nn.Module, batch: dict) -> Tuple[dict, Any]:
+    """(the data preprocessor's output for a data batch, the detector's / segmentor's features of it)."""
+    data = model.data_preprocessor(batch, False)
+    return data, model.extract_feat(data['inputs'])
+
+
 def feature_forward(model: nn.Module, batch: dict) -> Any:
     """Preprocess a data batch and run the detector's / segmentor's feature extraction."""
-    data = model.data_preprocessor(batch, False)
-    return model.extract_feat(data['inputs'])
+    return preprocess_features(model, batch)[1]
 
 
 def model_forward(model: nn.Module, batch: dict) -> Any:
@@ -173,8 +178,7 @@ class FixedProposalForward:
         self._fixed: Dict[int, Tuple[Any, List[Tensor]]] = {}
         with torch.no_grad(), quant_state(model, weight=False, act=False):
             for batch in self._batches:
-                data = model.data_preprocessor(batch, False)
-                x = model.extract_feat(data['inputs'])
+                data, x = preprocess_features(model, batch)
                 proposals = model.rpn_head.predict(x, data['data_samples'], rescale=False)
                 crops: List[Tensor] = []
                 with _crops_through(model.roi_head, lambda rois: crops.append(rois) or rois):
@@ -192,8 +196,7 @@ class FixedProposalForward:
             if fixed is None or fixed.shape != rois.shape:
                 raise RuntimeError(_OTHER_CROPS)
             return fixed
-        data = model.data_preprocessor(batch, False)
-        x = model.extract_feat(data['inputs'])
+        data, x = preprocess_features(model, batch)
         with _crops_through(model.roi_head, replayed):
             out = model.rpn_head(x), model.roi_head.forward(x, proposals, data['data_samples'])
         if next(replay, None) is not None:

@@ -20,10 +20,9 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
-
-from .atomic_io import atomic_write
 from torch import nn
 
+from .atomic_io import atomic_write
 from .settings import PTQConfigError, PTQError
 
 
@@ -47,22 +46,15 @@ class _RefusedGlobal(pickle.UnpicklingError):
     """Raised by the restricted unpickler for a global that is not allow-listed."""
 
 
-def _numpy_safe_globals() -> List[Any]:
-    items: List[Any] = [np.ndarray, np.dtype]
-    try:
-        from numpy.core.multiarray import _reconstruct, scalar
-        items += [_reconstruct, scalar]
-    except ImportError:  # numpy >= 2 moved these
-        from numpy._core.multiarray import _reconstruct, scalar
-        items += [_reconstruct, scalar]
-    items += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64', 'int32', 'bool')]
-    return items
-
-
 def mmengine_safe_globals() -> List[Any]:
     """Types an mmengine Runner checkpoint may contain besides tensors and plain Python."""
     from mmengine.logging.history_buffer import HistoryBuffer
-    return [HistoryBuffer] + _numpy_safe_globals()
+    try:
+        from numpy.core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy >= 2 moved these
+        from numpy._core.multiarray import _reconstruct, scalar
+    return [HistoryBuffer, np.ndarray, np.dtype, _reconstruct, scalar] + [
+        type(np.dtype(t)) for t in ('float64', 'float32', 'int64', 'int32', 'bool')]
 
 
 def _history_buffer_getattr(obj: Any, name: str) -> Any:
@@ -92,8 +84,6 @@ def _allowed_globals() -> Dict[str, Any]:
     for obj in mmengine_safe_globals():
         allowed[f'{obj.__module__}.{obj.__qualname__}'] = obj
         allowed[f'{obj.__module__}.{obj.__name__}'] = obj
-    allowed['numpy.dtype'] = np.dtype
-    allowed['numpy.ndarray'] = np.ndarray
     return allowed
 
 
@@ -190,10 +180,8 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: Any, source: str) -> Non
     missing, unexpected, shapes = state_dict_mismatch(model, checkpoint_state_dict(checkpoint))
     if not (missing or unexpected or shapes):
         return
-    parts = []
-    for what, keys in (('missing', missing), ('unexpected', unexpected), ('shape-mismatched', shapes)):
-        if keys:
-            parts.append(f'{len(keys)} {what} key{"s" if len(keys) != 1 else ""} (e.g. {keys[:3]})')
+    parts = [f'{len(keys)} {what} key{"s" if len(keys) != 1 else ""} (e.g. {keys[:3]})'
+             for what, keys in (('missing', missing), ('unexpected', unexpected), ('shape-mismatched', shapes)) if keys]
     raise CheckpointMismatchError(
         f'checkpoint {source} (--checkpoint / load_from) does not fit the {type(model).__name__} built from the '
         f'config: {", ".join(parts)}; use the checkpoint trained with this config')

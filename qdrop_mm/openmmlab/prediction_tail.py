@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from qdrop_mm.core import PredictionGroup, PredictionSource
 
-from .calibration import FEATURE_MODULES
+from .calibration import FEATURE_MODULES, preprocess_features
 
 Groups = Tuple[List[PredictionGroup], List[Tensor]]
 
@@ -48,11 +48,6 @@ def dense_group(head: nn.Module, cls_scores: Sequence[Tensor], bbox_preds: Seque
                            None if sigmoid else c - 1)
 
 
-def _preprocess(model: nn.Module, batch: Any) -> Tuple[Any, List[Tensor]]:
-    data = model.data_preprocessor(batch, False)
-    return data, model.extract_feat(data['inputs'])
-
-
 def _standard_roi_head(model: nn.Module) -> Optional[nn.Module]:
     from mmdet.models.roi_heads import StandardRoIHead
     roi = getattr(model, 'roi_head', None)
@@ -63,7 +58,7 @@ def _standard_roi_head(model: nn.Module) -> Optional[nn.Module]:
 
 def _two_stage(model: nn.Module, batch: Any, context: Optional[List[Tensor]]) -> Groups:
     from mmdet.structures.bbox import bbox2roi
-    data, feats = _preprocess(model, batch)
+    data, feats = preprocess_features(model, batch)
     cls_scores, bbox_preds = model.rpn_head(feats)
     groups = [dense_group(model.rpn_head, cls_scores, bbox_preds)]
     roi = _standard_roi_head(model)
@@ -79,13 +74,12 @@ def _two_stage(model: nn.Module, batch: Any, context: Optional[List[Tensor]]) ->
 
 
 def _single_stage(model: nn.Module, batch: Any, context: Optional[List[Tensor]]) -> Groups:
-    _, feats = _preprocess(model, batch)
-    outs = model.bbox_head(feats)
-    return [dense_group(model.bbox_head, outs[0], outs[1])], []
+    _, feats = preprocess_features(model, batch)
+    return [dense_group(model.bbox_head, *model.bbox_head(feats)[:2])], []
 
 
 def _segmentor(model: nn.Module, batch: Any, context: Optional[List[Tensor]]) -> Groups:
-    _, feats = _preprocess(model, batch)
+    _, feats = preprocess_features(model, batch)
     logits = model.decode_head(feats)
     rows = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
     return [PredictionGroup(rows, 'sigmoid' if logits.shape[1] == 1 else 'softmax')], []

@@ -99,7 +99,7 @@ def log_plan_coverage(logger, plan: ModelPlan) -> None:
                     f'their quantized layer and its activation quantizer, e.g. {plan.unfolded_norms[0][0]}')
 
 
-def drop_weight_swapping_hooks(runner) -> List[str]:
+def drop_weight_swapping_hooks(runner) -> None:
     """Remove hooks that swap FP weight copies into the model around the test loop (mmengine's EMAHook).
 
     RTMDet/YOLOX configs register EMAHook, which keeps an FP copy of every parameter and swaps it in
@@ -113,7 +113,6 @@ def drop_weight_swapping_hooks(runner) -> List[str]:
         runner._hooks[:] = [h for h in runner._hooks if not isinstance(h, EMAHook)]
         runner.logger.warning(f'removed training-only hook(s) {removed}: they swap FP weight copies into the model '
                               f'at test time; the checkpoint state_dict already holds the EMA weights')
-    return removed
 
 
 def check_roi_head_scope(model: torch.nn.Module, paths: Sequence[str]) -> None:
@@ -264,12 +263,13 @@ class PTQLoop(TestLoop):
         model.eval()
         for hook in hooks:
             hook.prepare(model)
-        forward = calibration_forward(model, scope_paths(model, settings.scope), batches)
+        paths = scope_paths(model, settings.scope)
+        forward = calibration_forward(model, paths, batches)
         try:
             self.plan = plan_model(model, settings, lambda: forward(model, batches[0]))
         except ValueError as err:
             raise PTQConfigError(str(err)) from None
-        logger.info(f'block plan: {len(self.plan.units)} units in {list(scope_paths(model, settings.scope))} '
+        logger.info(f'block plan: {len(self.plan.units)} units in {list(paths)} '
                     f'({sum(u.kind == "block" for u in self.plan.units)} blocks); method {method.name}, '
                     f'{len(method.stages)} stage(s)')
         log_plan_coverage(logger, self.plan)
@@ -351,10 +351,7 @@ class PTQLoop(TestLoop):
 
     def run(self) -> dict:
         t0 = time.perf_counter()
-        if self.load_quantized:
-            done = self.load(self.load_quantized)
-        else:
-            done = self.quantize(*self.preflight())
+        done = self.load(self.load_quantized) if self.load_quantized else self.quantize(*self.preflight())
         t1 = time.perf_counter()
         metrics = super().run()
         timings = dict(done['timings'], evaluation=time.perf_counter() - t1, total=time.perf_counter() - t0)

@@ -155,10 +155,8 @@ def load_scope_state(model: nn.Module, states: Sequence[Dict[str, torch.Tensor]]
 # ----------------------------------------------------------------------------- records
 
 def record_to_dict(rec: UnitRecord) -> Dict[str, Any]:
-    r = rec.result
     return {'name': rec.name, 'kind': rec.kind, 'stage': rec.stage, 'cache_bytes': int(rec.cache_bytes),
-            'cache_usage': {k: int(v) for k, v in rec.cache_usage.items()},
-            **asdict(r)}
+            'cache_usage': {k: int(v) for k, v in rec.cache_usage.items()}, **asdict(rec.result)}
 
 
 def record_from_dict(d: Dict[str, Any]) -> UnitRecord:

@@ -23,8 +23,6 @@ import pprint
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
-from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop
 
 from qdrop_mm.core import Unit, calibrate_activations, quant_state
@@ -35,7 +33,7 @@ from qdrop_mm.core.sensitivity import all_quantized, measure_sensitivity
 from .atomic_io import atomic_write, atomic_write_json
 from .block_plan import plan_model, scope_paths
 from .calibration import build_calibration_batches, calibration_forward, feature_forward, num_images, split_batches
-from .ptq_loop import _CheckpointFitHook, check_roi_head_scope, rebuild_quantized
+from .ptq_loop import PTQLoop, _CheckpointFitHook, check_roi_head_scope, rebuild_quantized
 from .registry import LOOPS
 from .report import format_bits, plain_metrics, unit_bits
 from .report_plots import SENSITIVITY_FILE, write_sensitivity_plot
@@ -55,32 +53,26 @@ def choose_metric(metrics: Dict[str, Any], wanted: str) -> str:
         if wanted not in metrics:
             raise PTQConfigError(f'--metric {wanted!r}: the evaluator reports {sorted(metrics)}; pass one of them')
         return wanted
-    for key in PREFERRED_METRICS:
-        if key in metrics:
-            return key
-    numeric = [k for k, v in metrics.items() if isinstance(v, (int, float))]
-    if not numeric:
+    candidates = [k for k in PREFERRED_METRICS if k in metrics] + [
+        k for k, v in metrics.items() if isinstance(v, (int, float))]
+    if not candidates:
         raise PTQConfigError(f'--metric: the evaluator reports no number ({sorted(metrics)})')
-    return numeric[0]
+    return candidates[0]
 
 
 def rank_rows(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Most sensitive first: by metric drop when measured (ties by feature error), else by feature error."""
     def key(r: Dict[str, Any]) -> Tuple[float, float]:
         return (r['metric_drop'] if r.get('metric_drop') is not None else 0.0, r['rel_error'])
-    ranked = [dict(r) for r in sorted(rows, key=key, reverse=True)]
-    for i, r in enumerate(ranked):
-        r['rank'] = i + 1
-    return ranked
+    return [dict(r, rank=i) for i, r in enumerate(sorted(rows, key=key, reverse=True), start=1)]
 
 
-def suggest_overrides(ranked: Sequence[Dict[str, Any]], keep: int, bits: int = KEEP_BITS
-                      ) -> Dict[str, Dict[str, int]]:
-    """``ptq.overrides`` entries for the ``keep`` most sensitive units not already at ``bits`` everywhere
+def suggest_overrides(ranked: Sequence[Dict[str, Any]], keep: int) -> Dict[str, Dict[str, int]]:
+    """``ptq.overrides`` entries for the ``keep`` most sensitive units not already at ``KEEP_BITS`` everywhere
     (a row of an activation quantizer names its unit under ``unit``)."""
     chosen = [r.get('unit', r['name']) for r in ranked
-              if not (all(b >= bits for b in r['w_bits']) and all(b >= bits for b in r['a_bits']))]
-    return {name: {'w_bits': bits, 'a_bits': bits} for name in dict.fromkeys(chosen[:keep])}
+              if not (all(b >= KEEP_BITS for b in r['w_bits']) and all(b >= KEEP_BITS for b in r['a_bits']))]
+    return {name: {'w_bits': KEEP_BITS, 'a_bits': KEEP_BITS} for name in dict.fromkeys(chosen[:keep])}
 
 
 def overrides_cfg_options(overrides: Dict[str, Dict[str, int]]) -> Dict[str, int]:
@@ -196,10 +188,7 @@ class SensitivityLoop(TestLoop):
         self.load_quantized = None  # the FP checkpoint is loaded (and checked) first in either case
         runner.register_hook(_CheckpointFitHook(self))
 
-    @property
-    def model(self) -> torch.nn.Module:
-        model = self.runner.model
-        return model.module if is_model_wrapper(model) else model
+    model = PTQLoop.model  # the runner's model without its wrapper
 
     def run(self) -> Dict[str, Any]:
         logger, work_dir = self.runner.logger, self.runner.work_dir
@@ -249,17 +238,13 @@ class SensitivityLoop(TestLoop):
         """What is measured one at a time: the units, or every activation quantizer in them (with its unit's name)."""
         if self.parts == 'units':
             return list(units), {}
-        parts, owner = [], {}
-        for u in units:
-            for n, q in u.module.named_modules():
-                if isinstance(q, LSQActQuantizer):
-                    parts.append(Unit(f'{u.name}.{n}', q, 'act_quantizer'))
-                    owner[parts[-1].name] = u.name
-        return parts, owner
+        parts = [(Unit(f'{u.name}.{n}', q, 'act_quantizer'), u.name)
+                 for u in units for n, q in u.module.named_modules() if isinstance(q, LSQActQuantizer)]
+        return [p for p, _ in parts], {p.name: unit for p, unit in parts}
 
     def _quantize(self) -> Tuple[List[Unit], List[dict], Any]:
-        """Held-out batches, the quantized model's units and the forward that reaches every unit in scope (the
-        model's own forward when heads are in it): RTN (the block plan like PTQLoop, calibrated activation
+        """(the quantized model's units, the held-out batches, the forward that reaches every unit in scope (the
+        model's own forward when heads are in it)): RTN (the block plan like PTQLoop, calibrated activation
         steps), or the model saved in ``quantized`` (e.g. reconstructed by QDrop)."""
         logger, model = self.runner.logger, self.model
         if self.quantized:  # its own settings pick the scope and the held-out images
