@@ -33,10 +33,8 @@ class PTQRun:
 
 
 def _finish(metrics: dict, runner: Any) -> PTQRun:
-    from mmengine.model import is_model_wrapper
-    loop = runner.test_loop
-    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    return PTQRun(model, dict(metrics), loop.report, str(runner.work_dir), loop.quantized_path)
+    loop = runner.test_loop  # a PTQLoop: it owns the unwrapped model, the report and the saved path
+    return PTQRun(loop.model, dict(metrics), loop.report, str(runner.work_dir), loop.quantized_path)
 
 
 def quantize(config: ConfigLike, checkpoint: Optional[str] = None, *, work_dir: Optional[str] = None,
