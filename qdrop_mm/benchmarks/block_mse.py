@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import json
 import os
-import os.path as osp
 import platform
 import statistics
 import sys
@@ -29,6 +27,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from qdrop_mm.benchmarks.speed import write_json
 from qdrop_mm.core import build_method, output_mse, run_ptq
 from qdrop_mm.core.toy_network import make_toy_setup, quantize_toy_net, smooth_images, toy_forward
 
@@ -115,9 +114,5 @@ def main(argv=None) -> dict:
     print('\n| method | ' + ' | '.join(f'W{w}A{a}' for w, a in bits) + ' |\n|---|' + '---|' * len(bits))
     for spec in args.methods:
         print(f'| {spec} | ' + ' | '.join(summary(rows, spec, w, a) for w, a in bits) + ' |')
-    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=2)
-    print(f'wrote {args.out}')
-    return result
+    return write_json(result, args.out)
 
