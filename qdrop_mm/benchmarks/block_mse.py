@@ -60,8 +60,7 @@ def run_cell(spec: str, w_bits: int, a_bits: int, seed: int, args) -> Dict[str, 
     fp, calib = make_toy_setup(seed=seed, num_batches=args.calib_batches, batch_size=args.batch_size, size=32)
     g = torch.Generator().manual_seed(seed + 1000)
     held_out = [smooth_images(8, 32, g) for _ in range(8)]
-    kw = dict(iters=args.iters, act_iters=max(1, args.iters // 4), batch_size=args.batch_size)
-    kw.update(options)
+    kw = {'iters': args.iters, 'act_iters': max(1, args.iters // 4), 'batch_size': args.batch_size, **options}
     try:
         method = build_method(name, **kw)
     except ValueError as err:
