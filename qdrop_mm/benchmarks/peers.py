@@ -343,17 +343,16 @@ def fold_batchnorms(net: 'torch.nn.Module', example: 'torch.Tensor') -> int:
     from torch import nn
     from qdrop_mm.core.bn_fold import fold_bn
     produced: Dict[int, nn.Module] = {}
-    keep: List[Any] = []
-    pairs: List[Tuple[nn.Module, nn.Module]] = []
+    keep: List[Any] = []  # outputs kept alive, so that no other tensor takes their id
+    pairs: Dict[nn.Module, nn.Module] = {}  # BN -> the conv whose output it normalizes (its first call's)
 
     def conv_hook(m, inp, out):
         produced[id(out)] = m
         keep.append(out)
 
     def bn_hook(m, inp, out):
-        conv = produced.get(id(inp[0]))
-        if conv is not None and all(m is not b for _, b in pairs):
-            pairs.append((conv, m))
+        if id(inp[0]) in produced:
+            pairs.setdefault(m, produced[id(inp[0])])
 
     handles = [m.register_forward_hook(conv_hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
     handles += [m.register_forward_hook(bn_hook) for m in net.modules()
@@ -365,7 +364,7 @@ def fold_batchnorms(net: 'torch.nn.Module', example: 'torch.Tensor') -> int:
         for h in handles:
             h.remove()
     parents = {id(child): (parent, name) for parent in net.modules() for name, child in parent.named_children()}
-    for conv, bn in pairs:
+    for bn, conv in pairs.items():
         w, b = fold_bn(conv.weight, conv.bias, bn)
         conv.weight.data.copy_(w)
         conv.bias = nn.Parameter(b)
