@@ -1,9 +1,6 @@
 """Coverage of stock mmdet / mmseg configs: does PTQ run, reload identically, and quantize everything in scope?
 
-    python tools/coverage.py [--cases retinanet_r18 rtmdet_tiny ...] [--iters 3] [--num-images 2]
-        [--data-root ../shared/coco128] [--work-dir work_dirs/coverage] [--out docs/results/coverage.json]
-
-The logic is in qdrop_mm/benchmarks/coverage.py.
+Usage and logic: qdrop_mm/benchmarks/coverage.py.
 """
 import os.path as osp
 import sys

@@ -3,6 +3,7 @@
     python tools/bench_accuracy.py [--models faster_rcnn_r18_fpn_shapes ...] [--bits 4/4 2/4]
         [--methods rtn adaround brecq qdrop] [--sanity-bits 8/8] [--sanity-methods rtn qdrop]
         [--iters 300] [--num-images 32] [--seeds 3] [--threads 1] [--val-images 1000]
+        [--curve 2/4] [--no-run] [--markdown]
 
 Trains (or reuses) each demo FP model, runs tools/ptq.py for every method and
 bit width with the given iterations per unit (plus the sanity bit widths for

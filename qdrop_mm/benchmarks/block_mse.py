@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import json
 import os
-import os.path as osp
 import platform
 import statistics
 import sys
@@ -29,6 +27,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from qdrop_mm.benchmarks.speed import write_json
 from qdrop_mm.core import build_method, output_mse, run_ptq
 from qdrop_mm.core.toy_network import make_toy_setup, quantize_toy_net, smooth_images, toy_forward
 
@@ -61,8 +60,7 @@ def run_cell(spec: str, w_bits: int, a_bits: int, seed: int, args) -> Dict[str, 
     fp, calib = make_toy_setup(seed=seed, num_batches=args.calib_batches, batch_size=args.batch_size, size=32)
     g = torch.Generator().manual_seed(seed + 1000)
     held_out = [smooth_images(8, 32, g) for _ in range(8)]
-    kw = dict(iters=args.iters, act_iters=max(1, args.iters // 4), batch_size=args.batch_size)
-    kw.update(options)
+    kw = {'iters': args.iters, 'act_iters': max(1, args.iters // 4), 'batch_size': args.batch_size, **options}
     try:
         method = build_method(name, **kw)
     except ValueError as err:
@@ -115,9 +113,5 @@ def main(argv=None) -> dict:
     print('\n| method | ' + ' | '.join(f'W{w}A{a}' for w, a in bits) + ' |\n|---|' + '---|' * len(bits))
     for spec in args.methods:
         print(f'| {spec} | ' + ' | '.join(summary(rows, spec, w, a) for w, a in bits) + ' |')
-    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=2)
-    print(f'wrote {args.out}')
-    return result
+    return write_json(result, args.out)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import os.path as osp
@@ -34,6 +35,8 @@ import time
 import traceback
 from dataclasses import asdict, astuple, dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from qdrop_mm.benchmarks.accuracy import Cell
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEFAULT_CONFIG = 'configs/demo/faster_rcnn_r18_fpn_shapes.py'
@@ -203,10 +206,6 @@ class Summary:
     errors: List[str]
 
     @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
     def mean(self) -> Optional[float]:
         return statistics.fmean(self.values) if self.values else None
 
@@ -216,11 +215,7 @@ class Summary:
 
     def text(self, digits: int = 3) -> str:
         """'0.413±0.002 (3)', '0.413 (1)', or 'failed' when no run gave a metric."""
-        if not self.values:
-            return 'failed'
-        if self.n == 1:
-            return f'{self.mean:.{digits}f} (1)'
-        return f'{self.mean:.{digits}f}±{self.std:.{digits}f} ({self.n})'
+        return f'{Cell(self.values).text(digits)} ({len(self.values)})' if self.values else 'failed'
 
 
 def summarize(runs: Iterable[Dict[str, Any]], metric: str = METRIC) -> List[Summary]:
@@ -295,10 +290,6 @@ def save_results(results: Dict[str, Any], path: str) -> None:
     atomic_write_json(results, path, indent=1)
 
 
-def find_run(results: Dict[str, Any], spec: CellSpec) -> Optional[Dict[str, Any]]:
-    return next((r for r in results.get('runs', []) if tuple(r.get('spec_key', ())) == spec.key()), None)
-
-
 def record_run(results: Dict[str, Any], run: Dict[str, Any]) -> None:
     """Replace the run of the same cell, or append."""
     runs = [r for r in results.get('runs', []) if tuple(r.get('spec_key', ())) != tuple(run['spec_key'])]
@@ -352,17 +343,16 @@ def fold_batchnorms(net: 'torch.nn.Module', example: 'torch.Tensor') -> int:
     from torch import nn
     from qdrop_mm.core.bn_fold import fold_bn
     produced: Dict[int, nn.Module] = {}
-    keep: List[Any] = []
-    pairs: List[Tuple[nn.Module, nn.Module]] = []
+    keep: List[Any] = []  # outputs kept alive, so that no other tensor takes their id
+    pairs: Dict[nn.Module, nn.Module] = {}  # BN -> the conv whose output it normalizes (its first call's)
 
     def conv_hook(m, inp, out):
         produced[id(out)] = m
         keep.append(out)
 
     def bn_hook(m, inp, out):
-        conv = produced.get(id(inp[0]))
-        if conv is not None and all(m is not b for _, b in pairs):
-            pairs.append((conv, m))
+        if id(inp[0]) in produced:
+            pairs.setdefault(m, produced[id(inp[0])])
 
     handles = [m.register_forward_hook(conv_hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
     handles += [m.register_forward_hook(bn_hook) for m in net.modules()
@@ -374,7 +364,7 @@ def fold_batchnorms(net: 'torch.nn.Module', example: 'torch.Tensor') -> int:
         for h in handles:
             h.remove()
     parents = {id(child): (parent, name) for parent in net.modules() for name, child in parent.named_children()}
-    for conv, bn in pairs:
+    for bn, conv in pairs.items():
         w, b = fold_bn(conv.weight, conv.bias, bn)
         conv.weight.data.copy_(w)
         conv.bias = nn.Parameter(b)
@@ -563,7 +553,8 @@ def run_cell(spec: CellSpec, config: str, checkpoint: str, work: str, threads: i
             result['notes'].append(f'import torchvision (aimet_torch and mmengine import it) fails with CPU torch: '
                                    f'{tv_error}; imported without its op registrations (no torchvision op is called)')
         stage = 'import'
-        result['version'] = _peer_version(spec.tool)
+        peer = importlib.import_module({'aimet': 'aimet_torch'}.get(spec.tool, spec.tool))  # the others: their own name
+        result['version'] = str(getattr(peer, '__version__', '?'))
         stage = 'model'
         runner, model = _build_runner(config, checkpoint, work)
         stage = 'calibration data'
@@ -589,7 +580,11 @@ def run_cell(spec: CellSpec, config: str, checkpoint: str, work: str, threads: i
             raise RuntimeError('; '.join(f"{a['scope']}: {a['error']}" for a in result['attempts']))
         result['quant_seconds'] = time.perf_counter() - tq
         stage = 'evaluate'
-        _install(model, qfeat, result['scope'])
+        # the quantized module into the detector: extract_feat runs it (and the FP neck for scope 'backbone'),
+        # a tuple out, whatever sequence the peer's module returns
+        model.backbone = _feature_net(qfeat, None)
+        if result['scope'] == 'backbone+neck':
+            model.neck = None
         metrics = runner.test()
         result['metrics'] = {k: float(v) for k, v in metrics.items()}
     except Exception as err:  # noqa: BLE001  one recorded line per failed cell
@@ -601,12 +596,6 @@ def run_cell(spec: CellSpec, config: str, checkpoint: str, work: str, threads: i
     result['seconds'] = time.perf_counter() - t0
     result['peak_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux ru_maxrss is in KiB
     return result
-
-
-def _peer_version(tool: str) -> str:
-    import importlib
-    mod = importlib.import_module({'aimet': 'aimet_torch', 'brevitas': 'brevitas', 'mqbench': 'mqbench'}[tool])
-    return str(getattr(mod, '__version__', '?'))
 
 
 def _build_runner(config: str, checkpoint: str, work: str):
@@ -637,13 +626,6 @@ def _calibration_tensors(cfg, model, spec: CellSpec) -> List['torch.Tensor']:
     batches = build_calibration_batches(cfg, settings)
     with torch.no_grad():
         return [model.data_preprocessor(b, False)['inputs'] for b in batches]
-
-
-def _install(model, qfeat, scope: str) -> None:
-    """Put the quantized module into the detector: extract_feat runs it (and the FP neck for scope 'backbone')."""
-    model.backbone = _feature_net(qfeat, None)  # a tuple out, whatever sequence the peer's module returns
-    if scope == 'backbone+neck':
-        model.neck = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -743,7 +725,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results['machine'] = {'platform': platform.platform(), 'processor': platform.machine(), 'cpus': os.cpu_count(),
                           'python': platform.python_version()}
     for i, spec in enumerate(specs):
-        done = find_run(results, spec)
+        done = next((r for r in results.get('runs', []) if tuple(r.get('spec_key', ())) == spec.key()), None)
         if done is not None and (not done.get('error') or not args.rerun_failed):
             continue
         print(f'[{i + 1}/{len(specs)}] {spec.name} ...', flush=True)
