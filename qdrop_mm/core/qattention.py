@@ -63,9 +63,8 @@ class QuantMultiheadAttention(nn.Module):
         b, n_q, _ = query.shape
         n_k = key.shape[1]
         h = self.num_heads
-        q = self.q_proj(query).reshape(b, n_q, h, -1).transpose(1, 2)
-        k = self.k_proj(key).reshape(b, n_k, h, -1).transpose(1, 2)
-        v = self.v_proj(value).reshape(b, n_k, h, -1).transpose(1, 2)
+        q, k, v = (proj(t).reshape(b, t.shape[1], h, -1).transpose(1, 2)
+                   for proj, t in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
         mask = None
         if attn_mask is not None:
             mask = _additive(attn_mask, q.dtype)
