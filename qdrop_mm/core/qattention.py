@@ -21,12 +21,9 @@ ProjectionFn = Callable[[str, nn.Linear], nn.Module]
 def split_in_projection(mha: nn.MultiheadAttention) -> Tuple[nn.Linear, nn.Linear, nn.Linear]:
     """The packed q/k/v input projection of ``mha`` as three ``nn.Linear`` (copies)."""
     e = mha.embed_dim
-    if mha._qkv_same_embed_dim:
-        weights = mha.in_proj_weight[:e], mha.in_proj_weight[e:2 * e], mha.in_proj_weight[2 * e:]
-    else:
-        weights = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-    biases = (mha.in_proj_bias[:e], mha.in_proj_bias[e:2 * e], mha.in_proj_bias[2 * e:]) \
-        if mha.in_proj_bias is not None else (None, None, None)
+    weights = mha.in_proj_weight.split(e) if mha._qkv_same_embed_dim else \
+        (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+    biases = mha.in_proj_bias.split(e) if mha.in_proj_bias is not None else (None, None, None)
     return tuple(_linear_copy(w, b) for w, b in zip(weights, biases))
 
 
