@@ -134,14 +134,11 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig, prog
     fast = all(q.fused for q in wqs + aqs)  # the unit's quantizers say which implementation runs
     compile_kernels = all(q.compiled for q in wqs + aqs)
 
-    def draw_batches() -> List[Tuple[Tensor, Tensor, CallArgs]]:
-        """The step's k (mixed input, target, call arguments) batches."""
-        batches = []
-        for _ in range(k):
-            x_fp, x_q, target, call = cache.sample(stage.batch_size, device)
-            x = fused.mix_inputs(x_fp, x_q, keep, compile_kernels) if fast else mix_inputs(x_fp, x_q, keep)
-            batches.append((x, target, call))
-        return batches
+    def draw_batch() -> Tuple[Tensor, Tensor, CallArgs]:
+        """One (mixed input, target, call arguments) training batch."""
+        x_fp, x_q, target, call = cache.sample(stage.batch_size, device)
+        x = fused.mix_inputs(x_fp, x_q, keep, compile_kernels) if fast else mix_inputs(x_fp, x_q, keep)
+        return x, target, call
 
     def step_gradients(fwd: Callable[..., Tensor], batches: List[Tuple[Tensor, Tensor, CallArgs]], it: int):
         """Fresh gradients of one optimiser step; returns (last batch's MSE, the step's loss).
@@ -168,7 +165,7 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig, prog
     try:
         with quant_state(unit, weight=True, act=stage.act_quant, drop_prob=keep), torch.enable_grad():
             for it in range(stage.iters):
-                batches = draw_batches()
+                batches = [draw_batch() for _ in range(k)]
                 try:
                     rec, loss = step_gradients(forward, batches, it)
                 except Exception as err:  # noqa: BLE001  a compiled graph failed: the eager unit is always right
