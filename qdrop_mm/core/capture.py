@@ -7,7 +7,7 @@ stopped as soon as the module's input is seen.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,19 +36,20 @@ class _StopForward(Exception):
     pass
 
 
-def _holds_tensor(value: Any) -> bool:
+def tensors_in(value: Any) -> List[Tensor]:
+    """The tensors of a tensor, or of nested tuples/lists/dicts of them (e.g. a forward's result), in order."""
     if isinstance(value, Tensor):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_holds_tensor(v) for v in value)
+        return [value]
     if isinstance(value, dict):
-        return any(_holds_tensor(v) for v in value.values())
-    return False
+        return [t for v in value.values() for t in tensors_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_in(v)]
+    return []
 
 
 def call_args_of(module: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Tensor, CallArgs]:
     """Split a call into its one input tensor and the plain values beside it; TypeError for more tensors."""
-    if not args or not isinstance(args[0], Tensor) or _holds_tensor(args[1:]) or _holds_tensor(kwargs):
+    if not args or not isinstance(args[0], Tensor) or tensors_in((args[1:], kwargs)):
         raise TypeError(f'{type(module).__name__}: a reconstruction unit must take exactly one tensor input '
                         f'(other arguments plain values), got {len(args)} positional and {len(kwargs)} '
                         f'keyword arguments')

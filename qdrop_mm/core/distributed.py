@@ -25,6 +25,6 @@ def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
     """Average each tensor over ranks, in place."""
     world = world_size()
     if world > 1:
+        all_reduce_sum_(tensors)
         for t in tensors:
-            torch.distributed.all_reduce(t)
             t /= world

@@ -213,13 +213,12 @@ def lsq_drop(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int, keep_prob:
                                  compile)
 
 
+FOLDABLE_CLIPS = {torch.nn.ReLU: (0.0, None), torch.nn.ReLU6: (0.0, 6.0)}
+
+
 def activation_clip(activation: Optional[torch.nn.Module]) -> Optional[Tuple[float, Optional[float]]]:
     """(lo, hi) of a ReLU or ReLU6 the LSQ kernel can fold in; None for anything else."""
-    if type(activation) is torch.nn.ReLU:
-        return 0.0, None
-    if type(activation) is torch.nn.ReLU6:
-        return 0.0, 6.0
-    return None
+    return FOLDABLE_CLIPS.get(type(activation))
 
 
 def mix_inputs(x_fp: Tensor, x_q: Tensor, keep_prob: float, compile: bool = True) -> Tensor:

@@ -20,19 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from . import fused as fused_ops
-from .distributed import all_reduce_mean_, world_size
+from .distributed import all_reduce_mean_
 from .fake_quant import EPS, check_bits, fake_quantize, grad_scale, quant_max
 from .observers import build_observer
-
-
-def _average_across_ranks(observer) -> None:
-    """Under torch.distributed, every rank adopts the mean of the ranks' observed ranges."""
-    if world_size() == 1:
-        return
-    for name in ('min_val', 'max_val'):
-        t = getattr(observer, name).clone()
-        all_reduce_mean_([t])
-        setattr(observer, name, t)
 
 
 def _sync_calibrated_flag(module: 'LSQActQuantizer', incompatible_keys) -> None:
@@ -96,7 +86,7 @@ class LSQActQuantizer(nn.Module):
         if self.observer is None or self.observer.min_val is None:
             raise RuntimeError('activation quantizer saw no data during calibration; '
                                'is it on the path of the calibration forward?')
-        _average_across_ranks(self.observer)
+        all_reduce_mean_([self.observer.min_val, self.observer.max_val])  # every rank adopts the ranks' mean range
         self.set_range(*self.observer.compute())
         self.observer = None
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from .method_hooks import MethodHooks
@@ -32,18 +32,21 @@ class OptionError(ValueError):
         self.key = key
 
 
-def _check_positive_int(cfg: Any, *names: str) -> None:
+def _check(cfg: Any, names: Sequence[str], requirement: str, ok: Callable[[Any], bool] = lambda v: v >= 0) -> None:
+    """OptionError '<name> must be <requirement>, got <value>' for the first named field that is not ``ok`` (>= 0)."""
     for name in names:
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise OptionError(name, f'{name} must be a positive integer, got {value!r}')
+        if not ok(value):
+            raise OptionError(name, f'{name} must be {requirement}, got {value!r}')
+
+
+def _check_positive_int(cfg: Any, *names: str) -> None:
+    _check(cfg, names, 'a positive integer', lambda v: not isinstance(v, bool) and isinstance(v, int) and v > 0)
 
 
 def _check_unit_interval(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise OptionError(name, f'{name} must be a number in [0, 1], got {value!r}')
+    _check(cfg, names, 'a number in [0, 1]',
+           lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0)
 
 
 def _check_types(cfg: Any) -> None:
@@ -114,19 +117,15 @@ class StageConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check_positive_int(self, 'iters', 'batch_size', 'accum_steps')
-        if self.schedule not in SCHEDULES:
-            raise OptionError('schedule', f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
+        _check(self, ['schedule'], f'one of {SCHEDULES}', SCHEDULES.__contains__)
         _check_positive_int(self, 'log_interval')
         _check_unit_interval(self, 'drop_prob', 'warmup', 'early_stop_rel_tol', 'early_stop_after')
-        if self.early_stop_patience < 0:
-            raise OptionError('early_stop_patience', f'early_stop_patience must be an integer >= 0 (0 = off), got {self.early_stop_patience!r}')
+        _check(self, ['early_stop_patience'], 'an integer >= 0 (0 = off)')
         if not (self.learn_rounding or self.learn_act_steps or self.learn_bias):
             raise ValueError('a stage must learn rounding, activation steps or biases')
         if self.learn_act_steps and not self.act_quant:
             raise ValueError('learn_act_steps needs act_quant=True')
-        for name in ('w_lr', 'a_lr', 'b_lr', 'round_weight'):
-            if getattr(self, name) < 0:
-                raise OptionError(name, f'{name} must be >= 0, got {getattr(self, name)}')
+        _check(self, ('w_lr', 'a_lr', 'b_lr', 'round_weight'), '>= 0')
 
     def lr_factor(self) -> float:
         """Multiplier of ``w_lr`` and ``a_lr`` under this stage's schedule (1 for ``'paper'``)."""
@@ -185,10 +184,8 @@ class CompensationConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        if self.ridge < 0:
-            raise OptionError('ridge', f'ridge must be a finite number >= 0, got {self.ridge!r}')
-        if self.placement not in COMPENSATION_PLACEMENTS:
-            raise OptionError('placement', f'placement must be one of {COMPENSATION_PLACEMENTS}, got {self.placement!r}')
+        _check(self, ['ridge'], 'a finite number >= 0')
+        _check(self, ['placement'], f'one of {COMPENSATION_PLACEMENTS}', COMPENSATION_PLACEMENTS.__contains__)
 
 
 @dataclass(frozen=True)
@@ -224,15 +221,9 @@ class PredictionConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check_positive_int(self, 'pd_interval')
-        if self.dc_iters < 0:
-            raise OptionError('dc_iters', f'dc_iters must be an integer >= 0 (0 = no distribution correction), '
-                             f'got {self.dc_iters!r}')
-        for name in ('pd_weight', 'dc_weight', 'pd_cache_gb'):
-            if getattr(self, name) < 0:
-                raise OptionError(name, f'{name} must be a finite number >= 0, got {getattr(self, name)!r}')
-        for name in ('pd_temperature', 'dc_lr'):
-            if getattr(self, name) <= 0:
-                raise OptionError(name, f'{name} must be a finite number > 0, got {getattr(self, name)!r}')
+        _check(self, ['dc_iters'], 'an integer >= 0 (0 = no distribution correction)')
+        _check(self, ('pd_weight', 'dc_weight', 'pd_cache_gb'), 'a finite number >= 0')
+        _check(self, ('pd_temperature', 'dc_lr'), 'a finite number > 0', lambda v: v > 0)
 
 
 PREDICTION_OPTIONS = frozenset(PredictionConfig.__dataclass_fields__)
@@ -255,8 +246,7 @@ class MethodConfig:
     act_calibration: str = 'fp'
 
     def __post_init__(self) -> None:
-        if self.act_calibration not in ACT_CALIBRATIONS:
-            raise OptionError('act_calibration', f'act_calibration must be one of {ACT_CALIBRATIONS}, got {self.act_calibration!r}')
+        _check(self, ['act_calibration'], f'one of {ACT_CALIBRATIONS}', ACT_CALIBRATIONS.__contains__)
 
     def build_hooks(self, prediction: Any = None) -> List['MethodHooks']:
         """The hooks of the method's additions to the loop, in the order they run (prediction term, compensation)."""
@@ -285,8 +275,7 @@ class MethodOptions:
         _check_types(self)
         _check_positive_int(self, 'iters', 'act_iters')
         _check_unit_interval(self, 'drop_prob')
-        if self.act_lr_stage2 < 0:
-            raise OptionError('act_lr_stage2', f'act_lr_stage2 must be >= 0, got {self.act_lr_stage2}')
+        _check(self, ['act_lr_stage2'], '>= 0')
         StageConfig(**self.stage)
         PredictionConfig(**self.prediction)
 

@@ -292,9 +292,9 @@ class PredictionTerm:
         rec = reconstruct_unit(unit, cache, stage, progress=progress,
                                extra_loss=self.training_loss(unit, cache, stage))
         rec.extra.update(pd_loss_before=before, pd_loss_after=self.evaluate(unit, cache, stage))
-        stats = dict(self._dc_stats)
-        if stats.get('dc_batches'):
-            n = stats.pop('dc_batches')
+        stats = self._dc_stats
+        n = stats.get('dc_batches')
+        if n:
             rec.extra.update(dc_mismatch_before=stats['dc_mismatch_before'] / n,
                              dc_mismatch_after=stats['dc_mismatch_after'] / n, dc_seconds=stats['dc_seconds'])
         return rec

@@ -181,14 +181,12 @@ def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], for
             hook.start(model, run_units, batches, forward_fn, cache_policy)
         for stage_idx, stage in enumerate(method.stages):
             for unit in run_units:
-                done = cb.restored(stage_idx, unit)
-                if done is not None:
-                    result.records.append(done)
-                    continue
-                cb.before_unit(stage_idx, unit)
-                result.records.append(_reconstruct(model, unit, stage_idx, stage, batches, forward_fn, hooks,
-                                                   cache_policy, cb))
-                cb.after_unit(result.records[-1])
+                record = cb.restored(stage_idx, unit)
+                if record is None:
+                    cb.before_unit(stage_idx, unit)
+                    record = _reconstruct(model, unit, stage_idx, stage, batches, forward_fn, hooks, cache_policy, cb)
+                    cb.after_unit(record)
+                result.records.append(record)
         for hook in hooks:
             hook.finalize(model, run_units, batches, forward_fn, cb, result)
     finally:
@@ -200,8 +198,7 @@ def run_ptq(model: nn.Module, units: Sequence[Unit], batches: Sequence[Any], for
 def _reconstruct(model: nn.Module, unit: Unit, stage_idx: int, stage: StageConfig, batches: Sequence[Any],
                  forward_fn: ForwardFn, hooks: Sequence[Any], cache_policy: Optional[CachePolicy],
                  cb: PTQCallbacks) -> UnitRecord:
-    corrections = [c for c in (h.input_correction(unit) for h in hooks) if c is not None]
-    correct = corrections[0] if corrections else None
+    correct = next((c for c in [h.input_correction(unit) for h in hooks] if c is not None), None)
     cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, cache_policy, correct, unit.calls)
     try:
         recs = (hook.reconstruct(unit, cache, stage, cb.progress) for hook in hooks)

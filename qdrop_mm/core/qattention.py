@@ -21,12 +21,9 @@ ProjectionFn = Callable[[str, nn.Linear], nn.Module]
 def split_in_projection(mha: nn.MultiheadAttention) -> Tuple[nn.Linear, nn.Linear, nn.Linear]:
     """The packed q/k/v input projection of ``mha`` as three ``nn.Linear`` (copies)."""
     e = mha.embed_dim
-    if mha._qkv_same_embed_dim:
-        weights = mha.in_proj_weight[:e], mha.in_proj_weight[e:2 * e], mha.in_proj_weight[2 * e:]
-    else:
-        weights = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-    biases = (mha.in_proj_bias[:e], mha.in_proj_bias[e:2 * e], mha.in_proj_bias[2 * e:]) \
-        if mha.in_proj_bias is not None else (None, None, None)
+    weights = mha.in_proj_weight.split(e) if mha._qkv_same_embed_dim else \
+        (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+    biases = mha.in_proj_bias.split(e) if mha.in_proj_bias is not None else (None, None, None)
     return tuple(_linear_copy(w, b) for w, b in zip(weights, biases))
 
 
@@ -63,9 +60,8 @@ class QuantMultiheadAttention(nn.Module):
         b, n_q, _ = query.shape
         n_k = key.shape[1]
         h = self.num_heads
-        q = self.q_proj(query).reshape(b, n_q, h, -1).transpose(1, 2)
-        k = self.k_proj(key).reshape(b, n_k, h, -1).transpose(1, 2)
-        v = self.v_proj(value).reshape(b, n_k, h, -1).transpose(1, 2)
+        q, k, v = (proj(t).reshape(b, t.shape[1], h, -1).transpose(1, 2)
+                   for proj, t in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
         mask = None
         if attn_mask is not None:
             mask = _additive(attn_mask, q.dtype)

@@ -84,8 +84,7 @@ class Compensated(nn.Module):
     @torch.no_grad()
     def install(self, weight: Tensor, bias: Tensor, stride: Tuple[int, int]) -> None:
         """Set the compensation to the 1x1 conv ``weight`` (C_out, C_in) with ``bias`` and ``stride``."""
-        device = self.compensation_stride.device
-        conv = _make_conv(weight.shape[1], weight.shape[0], stride, device)
+        conv = _make_conv(weight.shape, stride, self.compensation_stride.device)
         conv.weight.copy_(weight.reshape(conv.weight.shape))
         conv.bias.copy_(bias)
         self.compensation = conv
@@ -100,8 +99,9 @@ class Compensated(nn.Module):
         return y
 
 
-def _make_conv(in_channels: int, out_channels: int, stride: Tuple[int, int], device: Any) -> nn.Conv2d:
-    conv = nn.Conv2d(in_channels, out_channels, 1, stride=tuple(int(s) for s in stride), bias=True, device=device)
+def _make_conv(shape: Sequence[int], stride: Tuple[int, int], device: Any) -> nn.Conv2d:
+    """The frozen 1x1 conv of a (C_out, C_in, ...) compensation weight."""
+    conv = nn.Conv2d(shape[1], shape[0], 1, stride=tuple(int(s) for s in stride), bias=True, device=device)
     conv.requires_grad_(False)
     return conv
 
@@ -114,8 +114,7 @@ def _build_compensation_from_state(module: Compensated, state_dict: dict, prefix
     stride = state_dict.get(f'{prefix}compensation_stride', module.compensation_stride).tolist()
     if module.compensation is None or module.compensation.weight.shape != weight.shape \
             or list(module.compensation.stride) != stride:
-        module.compensation = _make_conv(weight.shape[1], weight.shape[0], stride,
-                                         module.compensation_stride.device)
+        module.compensation = _make_conv(weight.shape, stride, module.compensation_stride.device)
 
 
 def _detach_output_quantizer(module: nn.Module) -> Optional[LSQActQuantizer]:

@@ -72,19 +72,22 @@ def mix_inputs(x_fp: Tensor, x_q: Tensor, keep_prob: float) -> Tensor:
 
 
 @torch.no_grad()
-def unit_errors(unit: nn.Module, cache: UnitCache, device: torch.device, act_quant: bool) -> Tuple[float, float]:
-    """(mean output MSE, relative error ||y_q - y||² / ||y||²) over the cache, fully quantized, no drop."""
+def unit_errors(unit: nn.Module, cache: UnitCache, device: torch.device, act_quant: bool,
+                entries: Optional[int] = None) -> Tuple[float, float]:
+    """(mean output MSE, relative error ||y_q - y||² / ||y||²) over the cache (its first ``entries``), fully
+    quantized, no drop."""
+    n = len(cache) if entries is None else min(entries, len(cache))
     mse = torch.zeros((), dtype=torch.float64, device=device)
     err = torch.zeros((), dtype=torch.float64, device=device)
     ref = torch.zeros((), dtype=torch.float64, device=device)
     with quant_state(unit, weight=True, act=act_quant, drop_prob=1.0):
-        for i in range(len(cache)):
+        for i in range(n):
             _, x_q, target, call = cache.entry(i, device)
             diff = call(unit, x_q) - target
             mse += diff.pow(2).sum(1).mean()
             err += diff.pow(2).sum()
             ref += target.pow(2).sum()
-    return mse.item() / len(cache), err.item() / max(ref.item(), 1e-30)
+    return mse.item() / n, err.item() / max(ref.item(), 1e-30)
 
 
 def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig, progress: Optional[ProgressFn] = None,
@@ -131,46 +134,38 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig, prog
     fast = all(q.fused for q in wqs + aqs)  # the unit's quantizers say which implementation runs
     compile_kernels = all(q.compiled for q in wqs + aqs)
 
-    def loss_and_backward(fwd: Callable[..., Tensor], x: Tensor, target: Tensor, call: CallArgs, it: int,
-                          first: bool):
-        """Backward of this batch's share of the step's loss; the step-wide terms ride on its first batch."""
-        y = call(fwd, x)
-        rec = fused.output_mse(y, target, compile_kernels) if fast else output_mse(y, target)
-        loss = rec / k if k > 1 else rec
-        if first:
-            round_term = reg(it, wqs) if w_opt is not None else None
-            if round_term is not None:
-                loss = loss + round_term
-            extra_term = extra_loss(it) if extra_loss is not None else None
-            if extra_term is not None:
-                loss = loss + extra_term
-        loss.backward()
-        return rec, loss
-
-    def draw_batches() -> List[Tuple[Tensor, Tensor, CallArgs]]:
-        """The step's k (mixed input, target, call arguments) batches."""
-        batches = []
-        for _ in range(k):
-            x_fp, x_q, target, call = cache.sample(stage.batch_size, device)
-            x = fused.mix_inputs(x_fp, x_q, keep, compile_kernels) if fast else mix_inputs(x_fp, x_q, keep)
-            batches.append((x, target, call))
-        return batches
+    def draw_batch() -> Tuple[Tensor, Tensor, CallArgs]:
+        """One (mixed input, target, call arguments) training batch."""
+        x_fp, x_q, target, call = cache.sample(stage.batch_size, device)
+        x = fused.mix_inputs(x_fp, x_q, keep, compile_kernels) if fast else mix_inputs(x_fp, x_q, keep)
+        return x, target, call
 
     def step_gradients(fwd: Callable[..., Tensor], batches: List[Tuple[Tensor, Tensor, CallArgs]], it: int):
-        """Fresh gradients of one optimiser step; returns (last batch's MSE, the step's loss)."""
-        for opt in (w_opt, a_opt):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
+        """Fresh gradients of one optimiser step; returns (last batch's MSE, the step's loss).
+
+        Each batch backpropagates its share of the step's loss; the step-wide terms ride on the first batch.
+        """
+        for opt in filter(None, (w_opt, a_opt)):
+            opt.zero_grad(set_to_none=True)
         total = None
         for micro, (x, target, call) in enumerate(batches):
-            rec, loss = loss_and_backward(fwd, x, target, call, it, micro == 0)
+            y = call(fwd, x)
+            rec = fused.output_mse(y, target, compile_kernels) if fast else output_mse(y, target)
+            loss = rec / k if k > 1 else rec
+            if micro == 0:
+                round_term = reg(it, wqs) if w_opt is not None else None
+                extra_term = extra_loss(it) if extra_loss is not None else None
+                for term in (round_term, extra_term):
+                    if term is not None:
+                        loss = loss + term
+            loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
         return rec, total
 
     try:
         with quant_state(unit, weight=True, act=stage.act_quant, drop_prob=keep), torch.enable_grad():
             for it in range(stage.iters):
-                batches = draw_batches()
+                batches = [draw_batch() for _ in range(k)]
                 try:
                     rec, loss = step_gradients(forward, batches, it)
                 except Exception as err:  # noqa: BLE001  a compiled graph failed: the eager unit is always right
@@ -267,16 +262,11 @@ def _hardened_probe_mse(unit: nn.Module, cache: UnitCache, device: torch.device,
         if q.mode == 'soft':
             q.mode = 'hard'
     try:
-        with quant_state(unit, weight=True, act=act_quant, drop_prob=1.0):
-            total = 0.0
-            n = min(PROBE_ENTRIES, len(cache))
-            for i in range(n):
-                _, x_q, target, call = cache.entry(i, device)
-                total += output_mse(call(unit, x_q), target).item()
+        return _mean_across_ranks(unit_errors(unit, cache, device, act_quant, PROBE_ENTRIES)[0])
     finally:
         for q, m in zip(wqs, modes):
             q.mode = m
-    return _mean_across_ranks(total / n)
+
 
 def _mean_across_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
@@ -291,11 +281,8 @@ def _average_gradients(params: List[Tensor]) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     all_reduce_mean_([flat])
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+    for p, part in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(p).clone()
 
 
 def _layer_biases(unit: nn.Module) -> List[Tensor]:

@@ -119,12 +119,10 @@ def quantize_resnet50_fpn(net: ResNet50FPN, w_bits: int, a_bits: int, first_bits
             stage[b] = quantize_bottleneck(stage[b], w_bits, a_bits)
             units.append(Unit(f'layer{s + 1}.{b}', stage[b], 'block'))
     if stages is None:
-        for i in range(len(net.lateral)):
-            net.lateral[i] = QuantLayer(net.lateral[i], w_bits, a_bits=a_bits)
-            units.append(Unit(f'lateral.{i}', net.lateral[i], 'layer'))
-        for i in range(len(net.fpn_out)):
-            net.fpn_out[i] = QuantLayer(net.fpn_out[i], w_bits)
-            units.append(Unit(f'fpn_out.{i}', net.fpn_out[i], 'layer'))
+        for name, convs, out_bits in (('lateral', net.lateral, a_bits), ('fpn_out', net.fpn_out, None)):
+            for i in range(len(convs)):
+                convs[i] = QuantLayer(convs[i], w_bits, a_bits=out_bits)
+                units.append(Unit(f'{name}.{i}', convs[i], 'layer'))
     return units
 
 

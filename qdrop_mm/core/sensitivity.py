@@ -12,22 +12,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .capture import ForwardFn
+from .capture import ForwardFn, tensors_in as output_tensors
 from .ptq import Unit
 from .quant_state import quant_state
 
 ProgressFn = Callable[[int, int, str, float], None]  # (done, total, unit name, its error)
-
-
-def output_tensors(outputs: Any) -> List[Tensor]:
-    """The tensors of a forward's result (a tensor, or nested tuples/lists/dicts of them), in order."""
-    if isinstance(outputs, Tensor):
-        return [outputs]
-    if isinstance(outputs, dict):
-        return [t for v in outputs.values() for t in output_tensors(v)]
-    if isinstance(outputs, (list, tuple)):
-        return [t for v in outputs for t in output_tensors(v)]
-    return []
 
 
 @dataclass

@@ -88,7 +88,7 @@ class TensorStore:
     def __init__(self, name: str, tiers: _Tiers) -> None:
         self.name = name
         self.tiers = tiers
-        self._items: List[Tuple[str, object, torch.dtype]] = []
+        self._items: List[Tuple[str, object]] = []  # (tier, tensor or spill path)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -107,10 +107,10 @@ class TensorStore:
             path = self.tiers.spill_path(f'{self.name}-{len(self._items)}.pt')
             torch.save(t.cpu().contiguous(), path)
             item = path
-        self._items.append((tier, item, t.dtype))
+        self._items.append((tier, item))
 
     def load(self, i: int) -> Tensor:
-        tier, item, _ = self._items[i]
+        tier, item = self._items[i]
         if tier == 'disk':
             return torch.load(item, map_location='cpu', weights_only=True, mmap=True)
         return item
@@ -119,16 +119,16 @@ class TensorStore:
         return self.load(i).to(device, torch.float32, non_blocking=True)
 
     def in_memory(self) -> bool:
-        return all(tier != 'disk' for tier, _, _ in self._items)
+        return all(tier != 'disk' for tier, _ in self._items)
 
     def on_device(self) -> bool:
-        return all(tier == 'device' for tier, _, _ in self._items)
+        return all(tier == 'device' for tier, _ in self._items)
 
     def stack(self) -> Tensor:
         """All entries as one tensor along dim 0; the entries become views of it, so memory is not doubled."""
-        stacked = torch.cat([item for _, item, _ in self._items])
-        views = stacked.split([item.shape[0] for _, item, _ in self._items])
-        self._items = [(tier, view, dtype) for (tier, _, dtype), view in zip(self._items, views)]
+        stacked = torch.cat([item for _, item in self._items])
+        views = stacked.split([item.shape[0] for _, item in self._items])
+        self._items = [(tier, view) for (tier, _), view in zip(self._items, views)]
         return stacked
 
     def shapes(self) -> set:
