@@ -9,8 +9,9 @@ which also validates them.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from qdrop_mm.core.fake_quant import MAX_BITS, MIN_BITS
 from qdrop_mm.core.unit_cache import DTYPES, GiB, CachePolicy
@@ -24,6 +25,15 @@ class PTQError(Exception):
 
 class PTQConfigError(PTQError, ValueError):
     """A config key, path or checkpoint that does not fit; the message names the key and what is allowed."""
+
+
+@contextmanager
+def config_errors(prefix: str = '') -> Iterator[None]:
+    """A ValueError in the block (a scope, plan or method check that fails) becomes a one-line PTQConfigError."""
+    try:
+        yield
+    except ValueError as err:
+        raise PTQConfigError(f'{prefix}{err}') from None
 
 
 def _int(key: str, value: Any, low: int, high: Optional[int] = None, note: str = '') -> int:
