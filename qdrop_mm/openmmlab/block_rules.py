@@ -131,22 +131,18 @@ def _fpn(neck: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     return neck
 
 
-def _depthwise_separable(m: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> nn.Module:
-    """mmcv DepthwiseSeparableConvModule, converted in place: depthwise output quantized, pointwise as asked."""
+def _conv_like(m: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> nn.Module:
+    """A ConvModule or DepthwiseSeparableConvModule as quantized layers (no unit declared); the latter converted in
+    place: depthwise output quantized, pointwise as asked."""
+    if not isinstance(m, _DEPTHWISE_SEPARABLE):
+        return _conv_module_layer(m, path, ctx, quantize_output)
     m.depthwise_conv = _conv_module_layer(m.depthwise_conv, f'{path}.depthwise_conv', ctx, quantize_output=True)
     m.pointwise_conv = _conv_module_layer(m.pointwise_conv, f'{path}.pointwise_conv', ctx, quantize_output)
     return m
 
 
-def _conv_like(m: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> nn.Module:
-    """A ConvModule or DepthwiseSeparableConvModule as quantized layers (no unit declared)."""
-    if isinstance(m, _DEPTHWISE_SEPARABLE):
-        return _depthwise_separable(m, path, ctx, quantize_output)
-    return _conv_module_layer(m, path, ctx, quantize_output)
-
-
 def _depthwise_separable_unit(m: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
-    return ctx.add_unit(path, _depthwise_separable(m, path, ctx, quantize_output=True), 'block')
+    return ctx.add_unit(path, _conv_like(m, path, ctx, quantize_output=True), 'block')
 
 
 def _csp_bottleneck(block: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
