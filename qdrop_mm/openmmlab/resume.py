@@ -348,10 +348,9 @@ def compare_fingerprints(saved: Dict[str, Any], current: Dict[str, Any]) -> Tupl
     if saved.get('units') != current.get('units'):
         blocking.append(f'block plan: {len(saved.get("units", []))} units -> {len(current.get("units", []))} '
                         f'(or other names)')
-    if saved.get('checkpoint') != current.get('checkpoint'):
-        blocking.append(f'FP checkpoint: {saved.get("checkpoint")} -> {current.get("checkpoint")}')
-    if saved.get('world_size', 1) != current.get('world_size', 1):
-        blocking.append(f'number of processes: {saved.get("world_size", 1)} -> {current.get("world_size", 1)}')
+    for key, label, default in (('checkpoint', 'FP checkpoint', None), ('world_size', 'number of processes', 1)):
+        if saved.get(key, default) != current.get(key, default):
+            blocking.append(f'{label}: {saved.get(key, default)} -> {current.get(key, default)}')
     if saved.get('calibration') != current.get('calibration'):
         blocking.append('calibration batches differ (train data, pipeline or calibration settings changed)')
     return blocking, allowed
