@@ -21,12 +21,6 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -34,7 +28,9 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True) ->
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
     try:
         with os.fdopen(fd, 'wb' if binary else 'w', encoding=None if binary else 'utf-8') as f:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+            mask = os.umask(0o022)  # reading the umask means setting it
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
             write(f)
             f.flush()
             os.fsync(f.fileno())

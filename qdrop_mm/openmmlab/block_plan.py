@@ -45,10 +45,6 @@ def register_rule(*types: Type[nn.Module]) -> Callable[[RuleFn], RuleFn]:
     return deco
 
 
-def find_rule(module: nn.Module) -> Optional[RuleFn]:
-    return next((_RULES[cls] for cls in type(module).__mro__ if cls in _RULES), None)
-
-
 class UnsupportedModuleError(ValueError):
     """A module in the quantization scope cannot be converted faithfully."""
 
@@ -114,7 +110,7 @@ class PlanContext:
 
 def convert(module: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     """Quantized replacement of ``module`` (or the module itself, converted in place)."""
-    rule = find_rule(module)
+    rule = next((_RULES[cls] for cls in type(module).__mro__ if cls in _RULES), None)
     if rule is not None:
         return rule(module, path, ctx)
     if is_plain_layer(module):
@@ -305,7 +301,11 @@ def plan_model(model: nn.Module, settings: PTQSettings,
         return ModelPlan(units, [], fp_layers, list(ctx.unfolded_norms))
     order: Dict[int, int] = {}
     calls: Counter = Counter()
-    handles = [u.module.register_forward_pre_hook(_call_recorder(order, calls, id(u.module))) for u in units]
+
+    def record(module, _args):
+        order.setdefault(id(module), len(order))
+        calls[id(module)] += 1
+    handles = [u.module.register_forward_pre_hook(record) for u in units]
     try:
         with torch.no_grad():
             example_forward()
@@ -316,10 +316,3 @@ def plan_model(model: nn.Module, settings: PTQSettings,
                     key=lambda u: order[id(u.module)])
     uncalled = [u.name for u in units if id(u.module) not in order]
     return ModelPlan(called, uncalled, fp_layers, list(ctx.unfolded_norms))
-
-
-def _call_recorder(order: Dict[int, int], calls: Counter, key: int):
-    def hook(_m, _args):
-        order.setdefault(key, len(order))
-        calls[key] += 1
-    return hook

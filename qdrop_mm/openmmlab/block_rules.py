@@ -12,7 +12,8 @@ Importing this module registers them.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import importlib
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -20,7 +21,8 @@ from qdrop_mm.core import QuantLayer, QuantOutput, QuantResidual
 from qdrop_mm.core.placement import block_branch
 from qdrop_mm.core.qattention import QuantMultiheadAttention
 
-from .block_plan import PlanContext, UnsupportedModuleError, convert, is_activation, is_plain_layer, register_rule
+from .block_plan import (_RULES, PlanContext, RuleFn, UnsupportedModuleError, convert, is_activation, is_plain_layer,
+                         register_rule)
 
 
 def _plain(layer: nn.Module, path: str) -> nn.Module:
@@ -29,6 +31,12 @@ def _plain(layer: nn.Module, path: str) -> nn.Module:
             f'{path}: {type(layer).__name__} is not a plain Conv2d/Linear (deformable or custom conv?); '
             f'leave it out of ptq.scope or add a block rule for it')
     return layer
+
+
+def _layer_unit(parent: nn.Module, name: str, path: str, ctx: PlanContext, **layer_args) -> None:
+    """``parent.<name>``, a plain Conv2d/Linear at ``<path>.<name>``, replaced by its layer unit."""
+    p = f'{path}.{name}'
+    setattr(parent, name, ctx.add_unit(p, ctx.layer(p, _plain(getattr(parent, name), p), **layer_args), 'layer'))
 
 
 def _conv_module_layer(cm: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> QuantLayer:
@@ -81,9 +89,7 @@ def _resnet_stem(backbone: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
             layers.append(ctx.add_unit(p, ctx.layer(p, _plain(conv, p), bn=bn, activation=act), 'layer'))
         backbone.stem = nn.Sequential(*layers)
     else:
-        p = f'{path}.conv1'
-        backbone.conv1 = ctx.add_unit(p, ctx.layer(p, _plain(backbone.conv1, p), bn=backbone.norm1,
-                                                   activation=backbone.relu), 'layer')
+        _layer_unit(backbone, 'conv1', path, ctx, bn=backbone.norm1, activation=backbone.relu)
         setattr(backbone, backbone.norm1_name, nn.Identity())
         backbone.relu = nn.Identity()
     for name in backbone.res_layers:
@@ -125,22 +131,18 @@ def _fpn(neck: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     return neck
 
 
-def _depthwise_separable(m: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> nn.Module:
-    """mmcv DepthwiseSeparableConvModule, converted in place: depthwise output quantized, pointwise as asked."""
+def _conv_like(m: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> nn.Module:
+    """A ConvModule or DepthwiseSeparableConvModule as quantized layers (no unit declared); the latter converted in
+    place: depthwise output quantized, pointwise as asked."""
+    if not isinstance(m, _DEPTHWISE_SEPARABLE):
+        return _conv_module_layer(m, path, ctx, quantize_output)
     m.depthwise_conv = _conv_module_layer(m.depthwise_conv, f'{path}.depthwise_conv', ctx, quantize_output=True)
     m.pointwise_conv = _conv_module_layer(m.pointwise_conv, f'{path}.pointwise_conv', ctx, quantize_output)
     return m
 
 
-def _conv_like(m: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> nn.Module:
-    """A ConvModule or DepthwiseSeparableConvModule as quantized layers (no unit declared)."""
-    if isinstance(m, _DEPTHWISE_SEPARABLE):
-        return _depthwise_separable(m, path, ctx, quantize_output)
-    return _conv_module_layer(m, path, ctx, quantize_output)
-
-
 def _depthwise_separable_unit(m: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
-    return ctx.add_unit(path, _depthwise_separable(m, path, ctx, quantize_output=True), 'block')
+    return ctx.add_unit(path, _conv_like(m, path, ctx, quantize_output=True), 'block')
 
 
 def _csp_bottleneck(block: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
@@ -200,14 +202,11 @@ def _conv_fc_bbox_head(head: nn.Module, path: str, ctx: PlanContext) -> nn.Modul
         ctx.convert_children(getattr(head, name), f'{path}.{name}')
     for name in ('shared_fcs', 'cls_fcs', 'reg_fcs'):
         fcs = getattr(head, name)
-        for i, fc in enumerate(fcs):
-            p = f'{path}.{name}.{i}'
-            fcs[i] = ctx.add_unit(p, ctx.layer(p, _plain(fc, p), activation=nn.ReLU()), 'layer')
+        for i in range(len(fcs)):
+            _layer_unit(fcs, str(i), f'{path}.{name}', ctx, activation=nn.ReLU())
     for name in ('fc_cls', 'fc_reg'):
-        fc = getattr(head, name, None)
-        if fc is not None:
-            p = f'{path}.{name}'
-            setattr(head, name, ctx.add_unit(p, ctx.layer(p, _plain(fc, p), quantize_output=False), 'layer'))
+        if getattr(head, name, None) is not None:
+            _layer_unit(head, name, path, ctx, quantize_output=False)
     return head
 
 
@@ -217,12 +216,8 @@ def _hrnet(backbone: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     Branch blocks are ResNet blocks (their rules); transition and fuse layers are Sequentials whose
     conv → BN (→ ReLU) runs become layer units with the BN folded.
     """
-    relu = backbone.relu
     for conv_name, norm_name in (('conv1', backbone.norm1_name), ('conv2', backbone.norm2_name)):
-        p = f'{path}.{conv_name}'
-        layer = ctx.layer(p, _plain(getattr(backbone, conv_name), p), bn=getattr(backbone, norm_name),
-                          activation=relu)
-        setattr(backbone, conv_name, ctx.add_unit(p, layer, 'layer'))
+        _layer_unit(backbone, conv_name, path, ctx, bn=getattr(backbone, norm_name), activation=backbone.relu)
         setattr(backbone, norm_name, nn.Identity())
     backbone.relu = nn.Identity()
     ctx.convert_children(backbone, path)
@@ -263,9 +258,7 @@ def _multihead_attention(mha: nn.MultiheadAttention, path: str, ctx: PlanContext
 def _window_msa(attn: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     """Swin WindowMSA in place: qkv (quantized input and output) and proj (quantized input) as layer units."""
     for name, out in (('qkv', True), ('proj', False)):
-        p = f'{path}.{name}'
-        layer = ctx.layer(p, _plain(getattr(attn, name), p), quantize_output=out, quantize_input=True)
-        setattr(attn, name, ctx.add_unit(p, layer, 'layer'))
+        _layer_unit(attn, name, path, ctx, quantize_output=out, quantize_input=True)
     return attn
 
 
@@ -302,16 +295,13 @@ def _ffn(ffn: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
 
 def _patch_embed(pe: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     """mmcv PatchEmbed: the projection conv as a layer unit with FP output (a LayerNorm follows)."""
-    p = f'{path}.projection'
-    pe.projection = ctx.add_unit(p, ctx.layer(p, _plain(pe.projection, p), quantize_output=False), 'layer')
+    _layer_unit(pe, 'projection', path, ctx, quantize_output=False)
     return pe
 
 
 def _patch_merging(pm: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     """mmcv PatchMerging: the reduction linear (after a LayerNorm) with a quantized input, FP output."""
-    p = f'{path}.reduction'
-    layer = ctx.layer(p, _plain(pm.reduction, p), quantize_output=False, quantize_input=True)
-    pm.reduction = ctx.add_unit(p, layer, 'layer')
+    _layer_unit(pm, 'reduction', path, ctx, quantize_output=False, quantize_input=True)
     return pm
 
 
@@ -319,8 +309,7 @@ def _efficient_mha(attn: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     """MiT EfficientMultiheadAttention: the spatial-reduction conv (FP output, a LayerNorm follows) and the
     attention (its projections quantize their inputs)."""
     if getattr(attn, 'sr_ratio', 1) > 1:
-        p = f'{path}.sr'
-        attn.sr = ctx.add_unit(p, ctx.layer(p, _plain(attn.sr, p), quantize_output=False), 'layer')
+        _layer_unit(attn, 'sr', path, ctx, quantize_output=False)
     attn.attn = _multihead_attention(attn.attn, f'{path}.attn', ctx)
     return attn
 
@@ -333,82 +322,56 @@ def _transformer_block(block: nn.Module, path: str, ctx: PlanContext) -> nn.Modu
 
 _DEPTHWISE_SEPARABLE: Tuple[type, ...] = ()  # mmcv's DepthwiseSeparableConvModule when installed
 
+# The rules of each package, as import batches of (module, {class name: rule}): a batch registers once all its
+# classes import, and the first batch that does not import ends its package's registrations.
+_PACKAGE_RULES = (
+    [[('mmcv.cnn.bricks.transformer', {'FFN': _ffn, 'PatchEmbed': _patch_embed, 'PatchMerging': _patch_merging})]],
+    [[('mmcv.cnn', {'ConvModule': _conv_module, 'DepthwiseSeparableConvModule': _depthwise_separable_unit})]],
+    [[('mmdet.models.backbones.resnet', {'BasicBlock': _resnet_block, 'Bottleneck': _resnet_block,
+                                         'ResNet': _resnet_stem}),
+      ('mmdet.models.layers', {'InvertedResidual': _mmdet_inverted_residual}),
+      ('mmdet.models.necks', {'FPN': _fpn})],
+     [('mmdet.models.roi_heads.bbox_heads', {'ConvFCBBoxHead': _conv_fc_bbox_head})]],
+    [[('mmdet.models.layers.csp_layer', {'CSPLayer': _csp_layer, 'DarknetBottleneck': _csp_bottleneck_unit,
+                                         'CSPNeXtBlock': _csp_bottleneck_unit}),
+      ('mmdet.models.backbones.csp_darknet', {'SPPBottleneck': _spp_bottleneck}),
+      ('mmdet.models.necks', {'YOLOXPAFPN': _pafpn, 'CSPNeXtPAFPN': _pafpn}),
+      ('mmdet.models.backbones.hrnet', {'HRNet': _hrnet, 'HRModule': _hr_module})],
+     [('mmdet.models.backbones.swin', {'WindowMSA': _window_msa, 'SwinBlock': _transformer_block}),
+      ('mmdet.models.layers.transformer.utils', {'PatchEmbed': _patch_embed, 'PatchMerging': _patch_merging})]],
+    [[('mmseg.models.backbones.resnet', {'BasicBlock': _resnet_block, 'Bottleneck': _resnet_block,
+                                         'ResNet': _resnet_stem}),
+      ('mmseg.models.utils', {'InvertedResidual': _mmseg_inverted_residual})],
+     [('mmseg.models.backbones.hrnet', {'HRNet': _hrnet, 'HRModule': _hr_module})],
+     [('mmseg.models.backbones.mit', {'MixFFN': _ffn, 'EfficientMultiheadAttention': _efficient_mha,
+                                      'TransformerEncoderLayer': _transformer_block}),
+      ('mmseg.models.backbones.swin', {'SwinBlock': _transformer_block})],
+     [('mmseg.models.backbones.swin', {'WindowMSA': _window_msa}),
+      ('mmseg.models.utils.embed', {'PatchEmbed': _patch_embed, 'PatchMerging': _patch_merging})]],
+)
+
+
+def _import_rules(module: str, rules: Dict[str, RuleFn]) -> List[Tuple[type, RuleFn]]:
+    """``from module import <the class names>`` with their rules; ImportError when one is missing."""
+    mod = importlib.import_module(module)
+    missing = [name for name in rules if not hasattr(mod, name)]
+    if missing:
+        raise ImportError(f'cannot import name {missing[0]!r} from {module!r}')
+    return [(getattr(mod, name), rule) for name, rule in rules.items()]
+
 
 def register_openmmlab_rules() -> None:
     """Register rules for whichever of mmcv / mmdet / mmseg are installed."""
     global _DEPTHWISE_SEPARABLE
     register_rule(nn.MultiheadAttention)(_multihead_attention)
-    try:
-        from mmcv.cnn.bricks.transformer import FFN, PatchEmbed, PatchMerging
-        register_rule(FFN)(_ffn)
-        register_rule(PatchEmbed)(_patch_embed)
-        register_rule(PatchMerging)(_patch_merging)
-    except ImportError:
-        pass
-    try:
-        from mmcv.cnn import ConvModule, DepthwiseSeparableConvModule
-        register_rule(ConvModule)(_conv_module)
-        register_rule(DepthwiseSeparableConvModule)(_depthwise_separable_unit)
-        _DEPTHWISE_SEPARABLE = (DepthwiseSeparableConvModule,)
-    except ImportError:
-        pass
-    try:
-        from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
-        from mmdet.models.layers import InvertedResidual
-        from mmdet.models.necks import FPN
-        register_rule(BasicBlock, Bottleneck)(_resnet_block)
-        register_rule(ResNet)(_resnet_stem)
-        register_rule(InvertedResidual)(_mmdet_inverted_residual)
-        register_rule(FPN)(_fpn)
-        from mmdet.models.roi_heads.bbox_heads import ConvFCBBoxHead
-        register_rule(ConvFCBBoxHead)(_conv_fc_bbox_head)
-    except ImportError:
-        pass
-    try:
-        from mmdet.models.backbones.csp_darknet import SPPBottleneck
-        from mmdet.models.backbones.hrnet import HRModule, HRNet
-        from mmdet.models.layers.csp_layer import CSPLayer, CSPNeXtBlock, DarknetBottleneck
-        from mmdet.models.necks import CSPNeXtPAFPN, YOLOXPAFPN
-        register_rule(CSPLayer)(_csp_layer)
-        register_rule(DarknetBottleneck, CSPNeXtBlock)(_csp_bottleneck_unit)
-        register_rule(SPPBottleneck)(_spp_bottleneck)
-        register_rule(YOLOXPAFPN, CSPNeXtPAFPN)(_pafpn)
-        register_rule(HRNet)(_hrnet)
-        register_rule(HRModule)(_hr_module)
-        from mmdet.models.backbones.swin import SwinBlock, WindowMSA
-        from mmdet.models.layers.transformer.utils import PatchEmbed as DetPatchEmbed
-        from mmdet.models.layers.transformer.utils import PatchMerging as DetPatchMerging
-        register_rule(WindowMSA)(_window_msa)
-        register_rule(SwinBlock)(_transformer_block)
-        register_rule(DetPatchEmbed)(_patch_embed)
-        register_rule(DetPatchMerging)(_patch_merging)
-    except ImportError:
-        pass
-    try:
-        from mmseg.models.backbones.resnet import BasicBlock as SegBasicBlock
-        from mmseg.models.backbones.resnet import Bottleneck as SegBottleneck
-        from mmseg.models.backbones.resnet import ResNet as SegResNet
-        from mmseg.models.utils import InvertedResidual as SegInvertedResidual
-        register_rule(SegBasicBlock, SegBottleneck)(_resnet_block)
-        register_rule(SegResNet)(_resnet_stem)
-        register_rule(SegInvertedResidual)(_mmseg_inverted_residual)
-        from mmseg.models.backbones.hrnet import HRModule as SegHRModule
-        from mmseg.models.backbones.hrnet import HRNet as SegHRNet
-        register_rule(SegHRNet)(_hrnet)
-        register_rule(SegHRModule)(_hr_module)
-        from mmseg.models.backbones.mit import EfficientMultiheadAttention, MixFFN, TransformerEncoderLayer
-        from mmseg.models.backbones.swin import SwinBlock as SegSwinBlock
-        from mmseg.models.backbones.swin import WindowMSA as SegWindowMSA
-        register_rule(MixFFN)(_ffn)
-        register_rule(EfficientMultiheadAttention)(_efficient_mha)
-        register_rule(TransformerEncoderLayer, SegSwinBlock)(_transformer_block)
-        from mmseg.models.utils.embed import PatchEmbed as SegPatchEmbed
-        from mmseg.models.utils.embed import PatchMerging as SegPatchMerging
-        register_rule(SegWindowMSA)(_window_msa)
-        register_rule(SegPatchEmbed)(_patch_embed)
-        register_rule(SegPatchMerging)(_patch_merging)
-    except ImportError:
-        pass
+    for batches in _PACKAGE_RULES:
+        try:
+            for batch in batches:
+                for cls, rule in [pair for module, rules in batch for pair in _import_rules(module, rules)]:
+                    register_rule(cls)(rule)
+        except ImportError:
+            pass
+    _DEPTHWISE_SEPARABLE = tuple(cls for cls, rule in _RULES.items() if rule is _depthwise_separable_unit)
 
 
 register_openmmlab_rules()

@@ -93,17 +93,14 @@ def check_dataset_paths(dataset: Any, key: str) -> None:
         raise PTQConfigError(f'{key}.data_root: directory not found: {root!r} (must be an existing folder; '
                              f'set it with --cfg-options {key}.data_root=DIR)')
     root = root if isinstance(root, str) and root else None
-    ann = dataset.get('ann_file')
-    if isinstance(ann, str) and ann and not _is_remote(_join(root, ann)) and not osp.isfile(_join(root, ann)):
-        raise PTQConfigError(f'{key}.ann_file: file not found: {_join(root, ann)!r} (must be an existing file, '
-                             f'relative to data_root={root!r})')
     prefix = dataset.get('data_prefix')
-    if isinstance(prefix, Mapping):
-        for name in ('img', 'img_path'):
-            sub = prefix.get(name)
-            if isinstance(sub, str) and sub and not _is_remote(_join(root, sub)) and not osp.isdir(_join(root, sub)):
-                raise PTQConfigError(f'{key}.data_prefix.{name}: image folder not found: {_join(root, sub)!r} '
-                                     f'(must be an existing folder, relative to data_root={root!r})')
+    paths = [('ann_file', dataset.get('ann_file'), osp.isfile, 'file not found', 'file')] + [
+        (f'data_prefix.{name}', prefix.get(name), osp.isdir, 'image folder not found', 'folder')
+        for name in ('img', 'img_path') if isinstance(prefix, Mapping)]
+    for name, sub, exists, what, kind in paths:
+        if isinstance(sub, str) and sub and not _is_remote(_join(root, sub)) and not exists(_join(root, sub)):
+            raise PTQConfigError(f'{key}.{name}: {what}: {_join(root, sub)!r} (must be an existing {kind}, '
+                                 f'relative to data_root={root!r})')
 
 
 def check_evaluator_paths(evaluator: Any, key: str = 'test_evaluator') -> None:

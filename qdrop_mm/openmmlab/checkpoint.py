@@ -119,14 +119,10 @@ def safe_load(path: str, map_location: Any = 'cpu', allow_unsafe: bool = False) 
             f'Details: {err}') from None
     except (OSError, EOFError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError, UnicodeDecodeError,
             AttributeError, ImportError, IndexError, TypeError) as err:
+        lines = str(err).strip().splitlines()
         raise UnreadableCheckpointError(
             f'cannot read checkpoint {path}: not a PyTorch checkpoint or damaged '
-            f'({type(err).__name__}: {_first_line(err)})') from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else repr(err)
+            f'({type(err).__name__}: {lines[0][:200] if lines else repr(err)})') from None
 
 
 def install_safe_mmengine_loading(allow_unsafe: bool = False) -> None:

@@ -45,16 +45,17 @@ from qdrop_mm.core.quant_state import act_quantizers
 from qdrop_mm.core.sensitivity import quantized_error
 
 from . import block_rules  # noqa: F401  (registers the OpenMMLab block rules)
+from .atomic_io import atomic_write_json
 from .block_plan import ModelPlan, plan_model, resolve_scope, scope_paths
 from .calibration import (build_calibration_batches, calibration_forward, check_dataset_paths,
                           feature_forward, images_for_this_rank, num_images, roi_head_of, split_batches)
 from .checkpoint import atomic_save, check_checkpoint_fits, quantized_checkpoint, safe_load
 from .prediction_tail import PREDICTION_SOURCE
 from .registry import LOOPS
-from .report import build_report, format_summary, unit_bits, write_report
+from .report import build_report, format_summary, unit_bits
 from .report_plots import RECON_CURVES_FILE, UNIT_ERRORS_FILE, write_report_plots
 from .resume import ResumeSession, seed_everything
-from .settings import PTQConfigError, PTQError, PTQSettings
+from .settings import PTQConfigError, PTQError, PTQSettings, config_errors
 
 QUANTIZED_FILE = 'quantized.pth'
 REPORT_FILE = 'ptq_report.json'
@@ -72,10 +73,8 @@ def rebuild_quantized(model: torch.nn.Module, path: str, settings: PTQSettings) 
     meta = ckpt.get('meta', {})
     if meta.get('ptq') is not None:
         settings = PTQSettings.from_cfg(meta['ptq'])
-    try:
+    with config_errors(f'{path}: '):
         plan = plan_model(model, settings, unit_order=meta.get('units'))
-    except ValueError as err:
-        raise PTQConfigError(f'{path}: {err}') from None
     try:
         missing, unexpected = model.load_state_dict(ckpt['state_dict'], strict=False)
     except RuntimeError as err:
@@ -229,19 +228,15 @@ class PTQLoop(TestLoop):
     def preflight(self) -> Tuple[MethodConfig, List[MethodHooks]]:
         """Checks that need the built model but no data (scope, the method's own checks, train data paths);
         returns the method and the hooks ``quantize`` runs."""
-        try:
+        with config_errors():
             resolve_scope(self.model, self.settings.scope)
-        except ValueError as err:
-            raise PTQConfigError(str(err)) from None
         paths = scope_paths(self.model, self.settings.scope)
         check_roi_head_scope(self.model, paths)
         method = self.settings.build_method()
         hooks = method.build_hooks(PREDICTION_SOURCE)
         for hook in hooks:
-            try:
+            with config_errors(f'ptq.method={self.settings.method}: '):
                 hook.check(self.model, paths)
-            except ValueError as err:
-                raise PTQConfigError(f'ptq.method={self.settings.method}: {err}') from None
         cfg = self.runner.cfg
         if cfg.get('train_dataloader') is not None:
             check_dataset_paths(cfg.train_dataloader.get('dataset'), 'train_dataloader.dataset')
@@ -265,10 +260,8 @@ class PTQLoop(TestLoop):
             hook.prepare(model)
         paths = scope_paths(model, settings.scope)
         forward = calibration_forward(model, paths, batches)
-        try:
+        with config_errors():
             self.plan = plan_model(model, settings, lambda: forward(model, batches[0]))
-        except ValueError as err:
-            raise PTQConfigError(str(err)) from None
         logger.info(f'block plan: {len(self.plan.units)} units in {list(paths)} '
                     f'({sum(u.kind == "block" for u in self.plan.units)} blocks); method {method.name}, '
                     f'{len(method.stages)} stage(s)')
@@ -367,7 +360,7 @@ class PTQLoop(TestLoop):
         if is_main_process():
             if report['units']:
                 report['plots'] = write_report_plots(report, self.runner.work_dir, self.runner.logger.warning)
-            write_report(report, os.path.join(self.runner.work_dir, REPORT_FILE))
+            atomic_write_json(report, os.path.join(self.runner.work_dir, REPORT_FILE))
         self.report = report
         self.runner.logger.info('\n' + format_summary(report))
         if not self.load_quantized and self.session.clear():

@@ -9,7 +9,6 @@ from qdrop_mm.core import PTQResult, Unit
 from qdrop_mm.core.bit_budget import act_bit_counts, average_bits, merge_counts, weight_bit_counts
 from qdrop_mm.core.quant_state import act_quantizers, weight_quantizers
 
-from .atomic_io import atomic_write_json
 from .settings import PTQSettings
 
 
@@ -101,10 +100,6 @@ def _plain(v: Any) -> Any:
 def plain_metrics(metrics: Dict[str, Any]) -> Dict[str, Any]:
     """An evaluator's metrics as JSON-ready values (numbers as floats)."""
     return {k: _plain(v) for k, v in metrics.items()}
-
-
-def write_report(report: Dict[str, Any], path: str) -> None:
-    atomic_write_json(report, path)
 
 
 SUMMARY_MAX_ROWS = 20

@@ -44,7 +44,7 @@ from torch import nn
 
 from qdrop_mm.core import ReconResult, Unit, UnitRecord
 
-from .atomic_io import atomic_write_json, fsync_dir
+from .atomic_io import atomic_write_json
 from .block_plan import scope_paths
 from .checkpoint import atomic_save
 from .settings import PTQConfigError, PTQSettings
@@ -316,12 +316,10 @@ class ResumeSession:
         if not self.writer:
             self.manifest = dict(manifest, format=FORMAT, files=files + [{'name': name}])
             return
-        os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, name)
         payload = {'format': FORMAT, 'kind': kind, 'state_dict': state_dict,
                    'rng': rng if rng is not None else [rng_state()]}
-        atomic_save(payload, path)
-        fsync_dir(self.dir)
+        atomic_save(payload, path)  # creates the folder, fsyncs the file and the folder
         size, digest = _file_digest(path)
         files.append({'name': name, 'bytes': size, 'sha256': digest})
         manifest = dict(manifest, format=FORMAT, files=files, updated=time.strftime('%Y-%m-%d %H:%M:%S'))
@@ -348,10 +346,9 @@ def compare_fingerprints(saved: Dict[str, Any], current: Dict[str, Any]) -> Tupl
     if saved.get('units') != current.get('units'):
         blocking.append(f'block plan: {len(saved.get("units", []))} units -> {len(current.get("units", []))} '
                         f'(or other names)')
-    if saved.get('checkpoint') != current.get('checkpoint'):
-        blocking.append(f'FP checkpoint: {saved.get("checkpoint")} -> {current.get("checkpoint")}')
-    if saved.get('world_size', 1) != current.get('world_size', 1):
-        blocking.append(f'number of processes: {saved.get("world_size", 1)} -> {current.get("world_size", 1)}')
+    for key, label, default in (('checkpoint', 'FP checkpoint', None), ('world_size', 'number of processes', 1)):
+        if saved.get(key, default) != current.get(key, default):
+            blocking.append(f'{label}: {saved.get(key, default)} -> {current.get(key, default)}')
     if saved.get('calibration') != current.get('calibration'):
         blocking.append('calibration batches differ (train data, pipeline or calibration settings changed)')
     return blocking, allowed

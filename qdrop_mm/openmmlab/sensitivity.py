@@ -38,7 +38,7 @@ from .registry import LOOPS
 from .report import format_bits, plain_metrics, unit_bits
 from .report_plots import SENSITIVITY_FILE, write_sensitivity_plot
 from .resume import seed_everything
-from .settings import PTQConfigError, PTQSettings
+from .settings import PTQConfigError, PTQSettings, config_errors
 
 SENSITIVITY_JSON = 'sensitivity.json'
 MIXED_PRECISION_CONFIG = 'mixed_precision_config.py'
@@ -250,11 +250,9 @@ class SensitivityLoop(TestLoop):
         if self.quantized:  # its own settings pick the scope and the held-out images
             self.settings, plan = rebuild_quantized(model, self.quantized, self.settings)
         settings = self.settings
-        try:
+        with config_errors():
             paths = scope_paths(model, settings.scope)
             check_roi_head_scope(model, paths)  # no method runs here: PD-Quant's own check on heads does not apply
-        except ValueError as err:
-            raise PTQConfigError(str(err)) from None
         seed_everything(settings.seed)
         wanted = dataclasses.replace(settings, num_images=settings.num_images + self.eval_images)
         try:
@@ -270,10 +268,8 @@ class SensitivityLoop(TestLoop):
             logger.info(f'sensitivity: {len(plan.units)} units of the quantized model {self.quantized}, '
                         f'measuring on {num_images(held_out)} held-out images')
             return plan.units, held_out, forward
-        try:
+        with config_errors():
             plan = plan_model(model, settings, lambda: forward(model, calib[0]))
-        except ValueError as err:
-            raise PTQConfigError(str(err)) from None
         logger.info(f'sensitivity: {len(plan.units)} units, RTN W{settings.w_bits}A{settings.a_bits}; calibrating '
                     f'activations on {num_images(calib)} images, measuring on {num_images(held_out)} held-out images')
         calibrate_activations(model, calib, forward)

@@ -9,8 +9,9 @@ which also validates them.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from qdrop_mm.core.fake_quant import MAX_BITS, MIN_BITS
 from qdrop_mm.core.unit_cache import DTYPES, GiB, CachePolicy
@@ -24,6 +25,15 @@ class PTQError(Exception):
 
 class PTQConfigError(PTQError, ValueError):
     """A config key, path or checkpoint that does not fit; the message names the key and what is allowed."""
+
+
+@contextmanager
+def config_errors(prefix: str = '') -> Iterator[None]:
+    """A ValueError in the block (a scope, plan or method check that fails) becomes a one-line PTQConfigError."""
+    try:
+        yield
+    except ValueError as err:
+        raise PTQConfigError(f'{prefix}{err}') from None
 
 
 def _int(key: str, value: Any, low: int, high: Optional[int] = None, note: str = '') -> int:
@@ -83,7 +93,6 @@ class PTQSettings:
         method = cfg.get('method', cls.method)
         if method not in METHODS:
             raise PTQConfigError(f'ptq.method must be one of {sorted(METHODS)}, got {method!r}')
-        kw: Dict[str, Any] = dict(cfg)
         for key in ('w_bits', 'a_bits', 'first_layer_bits'):
             _bits(key, cfg.get(key, getattr(cls, key)), allow_none=key == 'first_layer_bits')
         _int('num_images', cfg.get('num_images', cls.num_images), 1)
@@ -100,8 +109,8 @@ class PTQSettings:
             scope = (scope,)
         if not scope or not all(isinstance(s, str) and s for s in scope):
             raise PTQConfigError(f"ptq.scope must be 'auto' or a non-empty list of module paths, got {scope!r}")
-        kw['scope'] = tuple(scope)
-        kw['overrides'] = tuple(_override(k, v) for k, v in _flatten_overrides(cfg.get('overrides', {})).items())
+        cfg['scope'] = tuple(scope)
+        cfg['overrides'] = tuple(_override(k, v) for k, v in _flatten_overrides(cfg.get('overrides', {})).items())
         opts = dict(cfg.get('method_options', {}))
         if 'batch_size' in opts:
             raise PTQConfigError('ptq.method_options.batch_size: the reconstruction batch size is ptq.batch_size')
@@ -109,12 +118,12 @@ class PTQSettings:
         if bad:
             raise PTQConfigError(f'ptq.method_options has unknown key(s) {bad}; '
                                  f'allowed: {sorted(TUNABLE_STAGE_OPTIONS)}, for pdquant: {sorted(PREDICTION_OPTIONS)}')
-        kw['method_options'] = opts
-        kw['cache'] = _cache_options(cfg.get('cache', {}))
+        cfg['method_options'] = opts
+        cfg['cache'] = _cache_options(cfg.get('cache', {}))
         for key in ('w_observer', 'a_observer'):
             if cfg.get(key, getattr(cls, key)) not in ('mse', 'minmax'):
                 raise PTQConfigError(f"ptq.{key} must be 'mse' or 'minmax', got {cfg.get(key)!r}")
-        settings = cls(**kw)
+        settings = cls(**cfg)
         settings.build_method()
         return settings
 
