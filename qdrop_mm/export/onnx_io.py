@@ -152,15 +152,11 @@ def onnxruntime_session(source: Union[str, bytes], optimization: str = 'all', qu
     import onnxruntime as ort
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f'optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}')
-    level = {'disable': ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-             'basic': ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-             'extended': ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-             'all': ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+    level = {'disable': 'ORT_DISABLE_ALL', 'basic': 'ORT_ENABLE_BASIC', 'extended': 'ORT_ENABLE_EXTENDED',
+             'all': 'ORT_ENABLE_ALL'}[optimization]
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = level
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    for name, value in options.items():
+    for name, value in {'graph_optimization_level': getattr(ort.GraphOptimizationLevel, level),
+                        'intra_op_num_threads': threads, 'inter_op_num_threads': 1, **options}.items():
         setattr(opts, name, value)
     disabled = [] if quantize_bias else [BIAS_QUANTIZATION_PASS]
     return ort.InferenceSession(source, opts, providers=['CPUExecutionProvider'], disabled_optimizers=disabled)
