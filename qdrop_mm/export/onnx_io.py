@@ -49,6 +49,13 @@ class MethodForward(nn.Module):
         return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
 
+def reference_outputs(module: nn.Module, x: Union[Tensor, Tuple[Tensor, ...]]) -> List[Tensor]:
+    """``module(x)`` (``module(*x)`` for a tuple) as a list of tensors, without gradients."""
+    with torch.no_grad():
+        out = module(*(x if isinstance(x, tuple) else (x,)))
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
 def export_onnx(module: nn.Module, example: Union[Tensor, Tuple[Tensor, ...]], path: str,
                 opset: int = DEFAULT_OPSET, dynamic: bool = False, input_names: Sequence[str] = ('input',),
                 output_names: Optional[Sequence[str]] = None,
@@ -63,10 +70,7 @@ def export_onnx(module: nn.Module, example: Union[Tensor, Tuple[Tensor, ...]], p
     if opset < MIN_OPSET:
         raise ValueError(f'opset must be >= {MIN_OPSET} (per-channel DequantizeLinear), got {opset}')
     examples = example if isinstance(example, tuple) else (example,)
-    module = module.eval()
-    with torch.no_grad():
-        outputs = module(*examples)
-    outputs = outputs if isinstance(outputs, (list, tuple)) else (outputs,)
+    outputs = reference_outputs(module.eval(), examples)
     output_names = list(output_names) if output_names is not None else [f'out{i}' for i in range(len(outputs))]
     if len(output_names) != len(outputs):
         raise ValueError(f'{len(output_names)} output names for {len(outputs)} outputs')
@@ -148,15 +152,11 @@ def onnxruntime_session(source: Union[str, bytes], optimization: str = 'all', qu
     import onnxruntime as ort
     if optimization not in OPTIMIZATION_LEVELS:
         raise ValueError(f'optimization must be one of {OPTIMIZATION_LEVELS}, got {optimization!r}')
-    level = {'disable': ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-             'basic': ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-             'extended': ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-             'all': ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+    level = {'disable': 'ORT_DISABLE_ALL', 'basic': 'ORT_ENABLE_BASIC', 'extended': 'ORT_ENABLE_EXTENDED',
+             'all': 'ORT_ENABLE_ALL'}[optimization]
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = level
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    for name, value in options.items():
+    for name, value in {'graph_optimization_level': getattr(ort.GraphOptimizationLevel, level),
+                        'intra_op_num_threads': threads, 'inter_op_num_threads': 1, **options}.items():
         setattr(opts, name, value)
     disabled = [] if quantize_bias else [BIAS_QUANTIZATION_PASS]
     return ort.InferenceSession(source, opts, providers=['CPUExecutionProvider'], disabled_optimizers=disabled)

@@ -142,9 +142,7 @@ class QDQActivation(nn.Module):
             dtype, stored_zp, full = torch.int8, 0, (lo, hi) == INT8_RANGE
         else:
             dtype, stored_zp, full = torch.uint8, z, q.qmax == UINT8_RANGE[1]
-        clip_lo = (torch.tensor(float(lo)) * scale).reshape(())
-        clip_hi = (torch.tensor(float(hi)) * scale).reshape(())
-        return cls(scale, torch.tensor(stored_zp, dtype=dtype), clip_lo, clip_hi, clip=not full, bits=q.bits)
+        return cls(scale, torch.tensor(stored_zp, dtype=dtype), lo * scale, hi * scale, clip=not full, bits=q.bits)
 
     @property
     def storage(self) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .onnx_io import activation_qdq_outputs, run_onnxruntime
+from .onnx_io import activation_qdq_outputs, reference_outputs, run_onnxruntime
 from .onnx_qdq import QDQActivation, QDQLayer
 
 
@@ -52,13 +52,6 @@ def compare_outputs(reference: Sequence[Tensor], outputs: Sequence[np.ndarray], 
         above += int((err > rel_tol * peak).sum())
         numel += err.size
     return Parity(max_abs, max_rel, above / max(numel, 1), numel)
-
-
-def reference_outputs(module: nn.Module, x: Union[Tensor, Tuple[Tensor, ...]]) -> List[Tensor]:
-    """``module(x)`` (``module(*x)`` for a tuple) as a list of tensors, without gradients."""
-    with torch.no_grad():
-        out = module(*(x if isinstance(x, tuple) else (x,)))
-    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 def random_input(shape: Sequence[int], seed: int = 0) -> Tensor:
@@ -96,8 +89,7 @@ def quantizer_agreement(path: str, module: nn.Module, x: Union[Tensor, Tuple[Ten
         handles.append(hooked.register_forward_hook(
             lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())))
     try:
-        with torch.no_grad():
-            module(*(x if isinstance(x, tuple) else (x,)))
+        reference_outputs(module, x)
     finally:
         for h in handles:
             h.remove()
