@@ -273,9 +273,7 @@ def _cached(work_dir: Path, digest: str) -> Optional[Dict[str, Any]]:
     except Exception as exc:  # corrupt / foreign file: retrain
         print_log(f"ignoring unreadable {weights}: {exc}", logger="current", level=30)
         return None
-    if meta.get("config_digest") != digest or record.get("config_digest") != digest:
-        return None
-    return record
+    return record if meta.get("config_digest") == digest == record.get("config_digest") else None
 
 
 def train_fp_model(cfg_path: PathLike, work_dir: Optional[PathLike] = None,
