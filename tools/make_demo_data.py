@@ -25,8 +25,8 @@ from qdrop_mm.demo.shapes_dataset import (  # noqa: E402
 )
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Command-line arguments."""
+def main(argv: Optional[List[str]] = None) -> int:
+    """Generate the dataset unless an identical one already exists; return exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/shapes", help="output directory")
     parser.add_argument("--num-train", type=int, default=400)
@@ -36,23 +36,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--min-objects", type=int, default=2)
     parser.add_argument("--max-objects", type=int, default=8)
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
-    return parser.parse_args(argv)
-
-
-def _print_summary(out: Path, meta: dict) -> None:
-    print(f"  {out / 'meta.json'}")
-    for split, counts in meta["counts"].items():
-        print(f"  {split}: {counts['num_images']} images in {out / f'{split}2017'}, "
-              f"{counts['num_instances']} instances ({counts['size_buckets']}) in "
-              f"{out / 'annotations' / f'instances_{split}2017.json'}, "
-              f"semantic masks in {out / 'seg' / f'{split}2017'}")
-    print(f"  classes: {meta['classes']} (category ids 1..{len(meta['classes'])}; "
-          f"semantic label 0 = background)")
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Generate the dataset unless an identical one already exists; return exit code."""
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     out = Path(args.out)
     params = dataset_params(args.num_train, args.num_val, args.size, args.seed, args.min_objects, args.max_objects)
     if not args.force and is_up_to_date(out, params):
@@ -62,7 +46,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         generate_shapes_dataset(out, args.num_train, args.num_val, args.size, args.seed,
                                 args.min_objects, args.max_objects)
         print(f"generated {out} in {time.perf_counter() - start:.1f}s")
-    _print_summary(out, load_meta(out))
+    meta = load_meta(out)
+    print(f"  {out / 'meta.json'}")
+    for split, counts in meta["counts"].items():
+        print(f"  {split}: {counts['num_images']} images in {out / f'{split}2017'}, "
+              f"{counts['num_instances']} instances ({counts['size_buckets']}) in "
+              f"{out / 'annotations' / f'instances_{split}2017.json'}, "
+              f"semantic masks in {out / 'seg' / f'{split}2017'}")
+    print(f"  classes: {meta['classes']} (category ids 1..{len(meta['classes'])}; "
+          f"semantic label 0 = background)")
     return 0
 
 

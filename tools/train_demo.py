@@ -29,8 +29,8 @@ from mmengine.logging import print_log  # noqa: E402
 from qdrop_mm.demo.training import train_fp_model  # noqa: E402
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Command-line arguments."""
+def main(argv: Optional[List[str]] = None) -> int:
+    """Train or reuse the FP model; print its metrics; return the exit code."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="demo config, e.g. configs/demo/faster_rcnn_r18_fpn_shapes.py")
     parser.add_argument("--work-dir", help="output directory (default work_dirs/demo/<config name>)")
@@ -40,18 +40,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for training (default: torch's; 1 is much faster on a "
                              "small CPU shared with other jobs)")
-    return parser.parse_args(argv)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Train or reuse the FP model; print its metrics; return the exit code."""
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     if not Path(args.config).is_file():
         print(f"error: config file not found: {args.config}", file=sys.stderr)
         return 2
     result = train_fp_model(args.config, args.work_dir, args.cfg_options, args.force, args.threads)
-    status = "cached" if result["cached"] else "trained"
-    print_log(f"{status}: {result['checkpoint']} ({result['iterations']} iters, "
+    print_log(f"{'cached' if result['cached'] else 'trained'}: {result['checkpoint']} ({result['iterations']} iters, "
               f"{result['s_per_iter']:.3f} s/iter, training {result['train_seconds']:.0f}s)", logger="current")
     print(json.dumps(result["metrics"], indent=2))
     return 0

@@ -177,11 +177,10 @@ def _polygon_area(contour: np.ndarray) -> float:
 def _sample_colour(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Random colour, resampled a few times to differ from the background under it."""
     under = img[mask].mean(axis=0)
-    colour = rng.uniform(0, 255, 3)
-    for _ in range(8):
+    for _ in range(9):  # the first draw and up to 8 resamples
+        colour = rng.uniform(0, 255, 3)
         if np.abs(colour - under).max() >= 60:
             break
-        colour = rng.uniform(0, 255, 3)
     return colour
 
 
@@ -255,9 +254,7 @@ def render_image(
 
 def mask_to_bbox(mask: np.ndarray) -> List[int]:
     """Tight [x, y, w, h] box (pixels, w/h >= 1) of a non-empty boolean mask."""
-    ys, xs = np.nonzero(mask)
-    x0, y0 = int(xs.min()), int(ys.min())
-    return [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
+    return list(cv2.boundingRect(mask.astype(np.uint8)))
 
 
 def encode_rle(mask: np.ndarray) -> Dict[str, Any]:

@@ -1,22 +1,14 @@
 """Train the small FP demo models on the shapes task and publish their weights.
 
-Glue between ``configs/demo/*.py`` (mmdet/mmseg configs), mmengine's ``Runner`` and the
-rest of qdrop_mm:
-
-* :func:`load_demo_config` reads a config, applies ``--cfg-options`` and keeps derived
-  values consistent (paths under ``data_root``; pipeline scales = ``demo_data.image_size``).
-* :func:`train_fp_model` generates the data if needed, trains with the Runner, validates,
-  and publishes ``<work_dir>/fp_model.pth`` + ``<work_dir>/fp_metrics.json``; a later call
-  with the same config returns the cached result.
-* :func:`publish_weights` / :func:`load_published_weights`: the published file holds only
-  ``{'state_dict': tensors, 'meta': plain Python values}`` so that it loads with
-  ``torch.load(weights_only=True)`` (torch >= 2.6 default), unlike mmengine's own
-  checkpoints, which pickle training state (``HistoryBuffer``, numpy scalars, ...).
+The published ``fp_model.pth`` holds only ``{'state_dict': tensors, 'meta': plain Python values}``
+so that it loads with ``torch.load(weights_only=True)`` (torch >= 2.6 default), unlike mmengine's
+own checkpoints, which pickle training state (``HistoryBuffer``, numpy scalars, ...).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -170,11 +162,7 @@ def register_scope(cfg: Config) -> str:
     scope = cfg.get("default_scope")
     if scope not in ("mmdet", "mmseg"):
         raise ValueError(f"default_scope must be 'mmdet' or 'mmseg', got {scope!r}")
-    if scope == "mmdet":
-        from mmdet.utils import register_all_modules
-    else:
-        from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=False)
+    importlib.import_module(f"{scope}.utils").register_all_modules(init_default_scope=False)
     return scope
 
 
@@ -285,9 +273,7 @@ def _cached(work_dir: Path, digest: str) -> Optional[Dict[str, Any]]:
     except Exception as exc:  # corrupt / foreign file: retrain
         print_log(f"ignoring unreadable {weights}: {exc}", logger="current", level=30)
         return None
-    if meta.get("config_digest") != digest or record.get("config_digest") != digest:
-        return None
-    return record
+    return record if meta.get("config_digest") == digest == record.get("config_digest") else None
 
 
 def train_fp_model(cfg_path: PathLike, work_dir: Optional[PathLike] = None,
