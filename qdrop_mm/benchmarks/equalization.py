@@ -94,7 +94,7 @@ def main(argv=None) -> List[dict]:
     for r in rows:
         print(f"{r['block']:<20}{r['channel_range_ratio']:>12.1f}" + ''.join(f'{r[k]:>13.4f}' for k in keys))
     print(f"{'mean':<32}" + ''.join(f'{sum(r[k] for r in rows) / len(rows):>13.4f}' for k in keys))
-    atomic_write_json({'command': 'python tools/study_equalization.py ' + ' '.join(argv if argv is not None else sys.argv[1:]), 'bits': args.bits,
-                       'num_images': args.num_images, 'rows': rows}, args.out)
+    command = 'python tools/study_equalization.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    atomic_write_json({'command': command, 'bits': args.bits, 'num_images': args.num_images, 'rows': rows}, args.out)
     print(f'wrote {args.out}')
     return rows

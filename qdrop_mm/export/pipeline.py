@@ -14,9 +14,8 @@ import torch
 
 from .evaluate import evaluate
 from .int32_bias import describe_rounding
-from .onnx_io import MethodForward, export_onnx, qdq_node_counts, require_onnx
-from .parity import (compare_outputs, first_divergence, quantizer_agreement, random_input, reference_outputs,
-                     run_onnxruntime)
+from .onnx_io import MethodForward, export_onnx, qdq_node_counts, reference_outputs, require_onnx, run_onnxruntime
+from .parity import compare_outputs, first_divergence, quantizer_agreement, random_input
 from .prepare import prepare_export
 from .whole import (ROI_ALIGN_OPSET, GraphPredictor, GraphRunner, WholeModel, compare_detections,
                     compare_segmentation, example_rois, model_kind, num_feature_levels)
