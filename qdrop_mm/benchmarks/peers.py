@@ -205,17 +205,13 @@ class Summary:
     scopes: List[str]
     errors: List[str]
 
-    @property
-    def mean(self) -> Optional[float]:
-        return statistics.fmean(self.values) if self.values else None
-
-    @property
-    def std(self) -> Optional[float]:
-        return statistics.stdev(self.values) if len(self.values) > 1 else (0.0 if self.values else None)
+    def __post_init__(self) -> None:
+        self.cell = Cell(self.values) if self.values else None
+        self.mean, self.std = (self.cell.mean, self.cell.std) if self.cell else (None, None)
 
     def text(self, digits: int = 3) -> str:
         """'0.413±0.002 (3)', '0.413 (1)', or 'failed' when no run gave a metric."""
-        return f'{Cell(self.values).text(digits)} ({len(self.values)})' if self.values else 'failed'
+        return f'{self.cell.text(digits)} ({len(self.values)})' if self.cell else 'failed'
 
 
 def summarize(runs: Iterable[Dict[str, Any]], metric: str = METRIC) -> List[Summary]:
