@@ -338,21 +338,18 @@ def fold_batchnorms(net: 'torch.nn.Module', example: 'torch.Tensor') -> int:
     import torch
     from torch import nn
     from qdrop_mm.core.bn_fold import fold_bn
-    produced: Dict[int, nn.Module] = {}
-    keep: List[Any] = []  # outputs kept alive, so that no other tensor takes their id
+    produced: Dict[int, Tuple[nn.Module, Any]] = {}  # id(output) -> (conv, output: kept alive, so its id stays unique)
     pairs: Dict[nn.Module, nn.Module] = {}  # BN -> the conv whose output it normalizes (its first call's)
 
     def conv_hook(m, inp, out):
-        produced[id(out)] = m
-        keep.append(out)
+        produced[id(out)] = m, out
 
     def bn_hook(m, inp, out):
         if id(inp[0]) in produced:
-            pairs.setdefault(m, produced[id(inp[0])])
+            pairs.setdefault(m, produced[id(inp[0])][0])
 
-    handles = [m.register_forward_hook(conv_hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    handles += [m.register_forward_hook(bn_hook) for m in net.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else bn_hook) for m in net.modules()
+               if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm))]
     try:
         with torch.no_grad():
             net(example)
