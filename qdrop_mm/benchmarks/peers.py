@@ -46,19 +46,15 @@ METRIC = 'coco/bbox_mAP'
 FIRST_CONV = 'backbone.conv1'  # the stem conv of mmdet's ResNet (3 input channels)
 SCOPES = ('backbone+neck', 'backbone')
 
-# (tool, method) -> what it is, in the peer's own words; iterations: whether ``iters`` is its budget knob
-METHODS: Dict[Tuple[str, str], Dict[str, Any]] = {
-    ('aimet', 'adaround'): {'api': 'aimet_torch.adaround.Adaround.apply_adaround + QuantizationSimModel',
-                            'iterations': True},
-    ('aimet', 'seq_mse'): {'api': 'aimet_torch.seq_mse.apply_seq_mse + QuantizationSimModel', 'iterations': False},
-    ('brevitas', 'gptq'): {'api': 'brevitas_examples ptq_common.quantize_model(layerwise) + brevitas.graph.gptq',
-                           'iterations': False},
-    ('brevitas', 'learned_round'): {'api': 'brevitas_examples ptq_common.quantize_model(layerwise) + '
-                                           'learned_round_utils.apply_learned_round', 'iterations': True},
-    ('mqbench', 'qdrop'): {'api': 'mqbench.prepare_by_platform(Academic) + advanced_ptq.ptq_reconstruction',
-                           'iterations': True},
-    ('mqbench', 'brecq'): {'api': 'mqbench.prepare_by_platform(Academic) + advanced_ptq.ptq_reconstruction',
-                           'iterations': True},
+# (tool, method) -> the peer API it runs, in the peer's own words
+METHODS: Dict[Tuple[str, str], str] = {
+    ('aimet', 'adaround'): 'aimet_torch.adaround.Adaround.apply_adaround + QuantizationSimModel',
+    ('aimet', 'seq_mse'): 'aimet_torch.seq_mse.apply_seq_mse + QuantizationSimModel',
+    ('brevitas', 'gptq'): 'brevitas_examples ptq_common.quantize_model(layerwise) + brevitas.graph.gptq',
+    ('brevitas', 'learned_round'): 'brevitas_examples ptq_common.quantize_model(layerwise) + '
+                                   'learned_round_utils.apply_learned_round',
+    ('mqbench', 'qdrop'): 'mqbench.prepare_by_platform(Academic) + advanced_ptq.ptq_reconstruction',
+    ('mqbench', 'brecq'): 'mqbench.prepare_by_platform(Academic) + advanced_ptq.ptq_reconstruction',
 }
 
 
@@ -540,7 +536,7 @@ def run_cell(spec: CellSpec, config: str, checkpoint: str, work: str, threads: i
         torch.set_num_threads(threads)
         settings = translate(spec)
         result['settings'] = json.loads(json.dumps(settings, default=str))
-        result['api'] = METHODS[(spec.tool, spec.method)]['api']
+        result['api'] = METHODS[(spec.tool, spec.method)]
         tv_error = import_torchvision_without_ops()
         if tv_error:
             result['notes'].append(f'import torchvision (aimet_torch and mmengine import it) fails with CPU torch: '
