@@ -124,30 +124,25 @@ def translate(spec: CellSpec) -> Dict[str, Any]:
         raise PeerBenchError(f'unknown peer method {spec.tool}:{spec.method}')
     num_batches = -(-spec.num_images // spec.batch_size)
     w, a, first = spec.w_bits, spec.a_bits, spec.first_layer_bits
+    own = {  # each aimet and brevitas method's own settings, after its tool's
+        'adaround': dict(default_num_iterations=spec.iters, default_reg_param=0.01, default_beta_range=(20, 2),
+                         default_warm_start=0.2, samples_per_iteration=spec.batch_size),
+        'seq_mse': dict(num_candidates=20),
+        'learned_round': dict(learned_round='hard_sigmoid', learned_round_mode='layerwise',
+                              learned_round_iters=spec.iters, learned_round_lr=1e-3,
+                              learned_round_batch_size=spec.batch_size),
+        'gptq': dict(gptq_act_order=False, gpxq_use_quant_activations=True)}
     if spec.tool == 'aimet':
-        out: Dict[str, Any] = {
-            'quant_scheme': 'post_training_tf_enhanced',  # AIMET's SQNR range search for activations
-            'default_param_bw': w, 'default_output_bw': a, 'param_bw_override': {FIRST_CONV: first},
-            'config_file': aimet_config(), 'num_batches': num_batches}
-        if spec.method == 'adaround':
-            out.update(default_num_iterations=spec.iters, default_reg_param=0.01, default_beta_range=(20, 2),
-                       default_warm_start=0.2, samples_per_iteration=spec.batch_size)
-        else:
-            out.update(num_candidates=20)
-        return out
+        return {'quant_scheme': 'post_training_tf_enhanced',  # AIMET's SQNR range search for activations
+                'default_param_bw': w, 'default_output_bw': a, 'param_bw_override': {FIRST_CONV: first},
+                'config_file': aimet_config(), 'num_batches': num_batches, **own[spec.method]}
     if spec.tool == 'brevitas':
-        out = {'quantize_model': dict(
+        return {'quantize_model': dict(
             backend='layerwise', weight_bit_width=w, act_bit_width=a, bias_bit_width=None,
             weight_quant_granularity='per_channel', act_quant_percentile=99.999, act_quant_type='asym',
             scale_factor_type='float_scale', quant_format='int', layerwise_first_last_bit_width=first,
             weight_quant_type='asym', weight_param_method='mse', act_param_method='mse'),
-            'num_batches': num_batches}
-        if spec.method == 'learned_round':
-            out.update(learned_round='hard_sigmoid', learned_round_mode='layerwise',
-                       learned_round_iters=spec.iters, learned_round_lr=1e-3, learned_round_batch_size=spec.batch_size)
-        else:
-            out.update(gptq_act_order=False, gpxq_use_quant_activations=True)
-        return out
+            'num_batches': num_batches, **own[spec.method]}
     # mqbench, Academic backend: first and last layers 8-bit by its own rule; we keep only the first at 8
     return {
         'extra_qconfig_dict': {
