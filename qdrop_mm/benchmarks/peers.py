@@ -256,12 +256,10 @@ def text_report(results: Dict[str, Any]) -> str:
     """The markdown table plus the recorded failures and notes of the results file."""
     summaries = summarize(results.get('runs', []))
     lines = [markdown_table(summaries)] if summaries else ['(no runs)']
-    fails = failures(summaries)
-    if fails:
-        lines += ['', 'recorded failures:'] + [f'- {f}' for f in fails]
     notes = list(dict.fromkeys(n for r in results.get('runs', []) for n in r.get('notes', [])))
-    if notes:
-        lines += ['', 'notes:'] + [f'- {n}' for n in notes]
+    for title, items in (('recorded failures:', failures(summaries)), ('notes:', notes)):
+        if items:
+            lines += ['', title] + [f'- {x}' for x in items]
     return '\n'.join(lines)
 
 
@@ -427,11 +425,8 @@ def quantize_aimet(net, calib, spec: CellSpec, settings: Dict[str, Any], work: s
                          f'{adaround_optimizer.BATCH_SIZE} to {settings["samples_per_iteration"]} (ptq.batch_size of '
                          f'our runs), so that {spec.iters} iterations see as many images as ours')
             adaround_optimizer.BATCH_SIZE = settings['samples_per_iteration']
-        params = AdaroundParameters(data_loader=loader, num_batches=settings['num_batches'],
-                                    default_num_iterations=settings['default_num_iterations'],
-                                    default_reg_param=settings['default_reg_param'],
-                                    default_beta_range=settings['default_beta_range'],
-                                    default_warm_start=settings['default_warm_start'], forward_fn=forward_fn)
+        params = AdaroundParameters(data_loader=loader, forward_fn=forward_fn, **{k: settings[k] for k in (
+            'num_batches', 'default_num_iterations', 'default_reg_param', 'default_beta_range', 'default_warm_start')})
         overrides = [(net.get_submodule(n), bw) for n, bw in settings['param_bw_override'].items()]
         net = Adaround.apply_adaround(net, dummy, params, path=work, filename_prefix='adaround',
                                       default_param_bw=settings['default_param_bw'], param_bw_override_list=overrides,
