@@ -458,8 +458,7 @@ def quantize_brevitas(net, calib, spec: CellSpec, settings: Dict[str, Any], work
         from brevitas_examples.imagenet_classification.ptq.learned_round_utils import apply_learned_round
         from brevitas_examples.imagenet_classification.ptq.ptq_imagenet_args import create_args_parser
         args = create_args_parser().parse_args([])
-        for key in ('learned_round', 'learned_round_mode', 'learned_round_iters', 'learned_round_lr',
-                    'learned_round_batch_size'):
+        for key in [k for k in settings if k.startswith('learned_round')]:
             setattr(args, key, settings[key])
         apply_learned_round(qnet, loader, args)
     qnet.eval()
@@ -503,11 +502,10 @@ def _mqbench_last_layers_to_default(qnet, settings: Dict[str, Any]) -> List[str]
         fq = getattr(mod, 'weight_fake_quant', None)
         if fq is None or name in (FIRST_CONV, first) or getattr(fq, 'bitwidth', None) == bits:
             continue
-        fq.quant_min, fq.quant_max = qmin, qmax
         fq.bitwidth = bits
-        obs = getattr(fq, 'activation_post_process', None)
-        if obs is not None:
-            obs.quant_min, obs.quant_max = qmin, qmax
+        for q in (fq, getattr(fq, 'activation_post_process', None)):  # the fake quantizer and its observer
+            if q is not None:
+                q.quant_min, q.quant_max = qmin, qmax
         changed.append(name)
     return changed
 
