@@ -305,17 +305,16 @@ def import_torchvision_without_ops() -> Optional[str]:
     """
     try:
         import torchvision  # noqa: F401
-        return None
     except ImportError:
-        return None  # not installed: nothing to do
+        pass  # not installed: nothing to do
     except RuntimeError as err:
-        first = one_line(err)
-    import types
-    for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
-        del sys.modules[name]
-    sys.modules['torchvision._meta_registrations'] = types.ModuleType('torchvision._meta_registrations')
-    import torchvision  # noqa: F401,F811
-    return first
+        import types
+        for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
+            del sys.modules[name]
+        sys.modules['torchvision._meta_registrations'] = types.ModuleType('torchvision._meta_registrations')
+        import torchvision  # noqa: F401,F811
+        return one_line(err)
+    return None
 
 
 def fold_batchnorms(net: 'torch.nn.Module', example: 'torch.Tensor') -> int:
@@ -369,9 +368,7 @@ def _feature_net(backbone, neck):
 
         def forward(self, x):
             feats = self.backbone(x)
-            if hasattr(self, 'neck'):
-                feats = self.neck(feats)
-            return tuple(feats)
+            return tuple(self.neck(feats) if hasattr(self, 'neck') else feats)
 
     return FeatureNet()
 
@@ -546,8 +543,7 @@ def run_cell(spec: CellSpec, config: str, checkpoint: str, work: str, threads: i
             folded = fold_batchnorms(net, calib[0][:1])
             try:
                 qfeat = QUANTIZERS[spec.tool](net, calib, spec, settings, work, result['notes'])
-                result['scope'] = scope
-                result['bn_folded'] = folded
+                result.update(scope=scope, bn_folded=folded)
                 break
             except Exception as err:  # noqa: BLE001  recorded, then the smaller scope is tried
                 result['attempts'].append({'scope': scope, 'error': one_line(err)})
@@ -665,8 +661,7 @@ def spawn_cell(spec: CellSpec, args: argparse.Namespace, work: str) -> Dict[str,
         except subprocess.TimeoutExpired:
             code = None
     if osp.exists(result_file):
-        with open(result_file) as f:
-            return json.load(f)
+        return load_results(result_file)
     with open(log, errors='replace') as f:
         tail = [line.strip() for line in f.read().splitlines() if line.strip()][-1:] or ['']
     error = f'timed out after {args.timeout} s' if code is None else \
@@ -679,9 +674,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.run_cell:
         spec = CellSpec(**json.loads(args.run_cell))
-        work = osp.dirname(args.result_file)
-        result = run_cell(spec, args.config, args.checkpoint, work, args.threads)
-        save_results(result, args.result_file)
+        save_results(run_cell(spec, args.config, args.checkpoint, osp.dirname(args.result_file), args.threads),
+                     args.result_file)
         return 0
     results = load_results(args.out)
     if args.merge:
