@@ -147,21 +147,14 @@ def write_case_config(case: Case, work_dir: str, data_root: str, test_images: in
                                for s in ('train', 'val'))
         evaluator = dict(_delete_=True, type='IoUMetric', iou_metrics=['mIoU'])
     model.update(dict(case.model))
-    train = dict(loader, batch_size=2, dataset=train_set)
     test = dict(loader, dataset=dict(test_set, indices=test_images))
-    text = '\n'.join([
-        f'_base_ = [{stock!r}, {osp.join(REPO, "configs", "_base_", "ptq_qdrop.py")!r}]',
-        f'model = {model!r}',
-        f'train_dataloader = {train!r}',
-        f'test_dataloader = {test!r}',
-        f'val_dataloader = {test!r}',
-        f'test_evaluator = {evaluator!r}',
-        f'val_evaluator = {evaluator!r}',
-        "test_cfg = dict(type='qdrop_mm.PTQLoop')",
-    ])
+    assignments = dict(_base_=[stock, osp.join(REPO, 'configs', '_base_', 'ptq_qdrop.py')], model=model,
+                       train_dataloader=dict(loader, batch_size=2, dataset=train_set), test_dataloader=test,
+                       val_dataloader=test, test_evaluator=evaluator, val_evaluator=evaluator)
     path = osp.join(work_dir, f'{case.name}.py')
     with open(path, 'w') as f:
-        f.write(text + '\n')
+        f.writelines(f'{k} = {v!r}\n' for k, v in assignments.items())
+        f.write("test_cfg = dict(type='qdrop_mm.PTQLoop')\n")
     return path
 
 
