@@ -184,13 +184,9 @@ def save_random_checkpoint(config: str, path: str, seed: int = 0) -> str:
 
 
 def _prediction_tensors(sample: Any) -> Dict[str, Any]:
-    out = {}
-    for key in ('pred_instances', 'pred_sem_seg', 'seg_logits'):
-        data = getattr(sample, key, None)
-        if data is not None:
-            for k, v in data.items():
-                out[f'{key}.{k}'] = v.detach().cpu().clone() if hasattr(v, 'detach') else v
-    return out
+    return {f'{key}.{k}': v.detach().cpu().clone() if hasattr(v, 'detach') else v
+            for key in ('pred_instances', 'pred_sem_seg', 'seg_logits') if getattr(sample, key, None) is not None
+            for k, v in getattr(sample, key).items()}
 
 
 def run_ptq(config: str, checkpoint: str, work_dir: str, options: List[str],

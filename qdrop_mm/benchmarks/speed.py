@@ -430,7 +430,6 @@ def main(argv=None) -> dict:
         result = bench_cpu_blocks(args)
         print_cpu_table(result)
         return write_json(result, args.out or 'docs/results/speed_cpu.json')
-    args.out = args.out or 'work_dirs/bench_speed.json'
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     rows = [bench_unit(n, fp, q, shape, args, device) for n, fp, q, shape in build_units(args.scale)]
@@ -440,7 +439,7 @@ def main(argv=None) -> dict:
     if args.e2e_images:
         result['e2e'] = bench_e2e(args, device)
     print_tables(result)
-    return write_json(result, args.out)
+    return write_json(result, args.out or 'work_dirs/bench_speed.json')
 
 
 def write_json(result: dict, path: str) -> dict:
