@@ -90,12 +90,10 @@ def run_one(model: str, method: str, w_bits: int, a_bits: int, seed: int, args, 
     else:
         metrics = exit_on_error(quantize, config, fp_ckpt, work_dir=work, cfg_options=parse_cfg_options(opts)).metrics
         atomic_write_json(recon, record)
-    run = {'model': model, 'method': method, 'w_bits': w_bits, 'a_bits': a_bits, 'iters': args.iters,
-           'num_images': args.num_images, 'options': list(args.options), 'seed': seed,
-           'metrics': {k: float(v) for k, v in metrics.items()}, 'seconds': time.perf_counter() - t0}
-    if reused:
-        run['reevaluated'] = quantized
-    return run
+    return {'model': model, 'method': method, 'w_bits': w_bits, 'a_bits': a_bits, 'iters': args.iters,
+            'num_images': args.num_images, 'options': list(args.options), 'seed': seed,
+            'metrics': {k: float(v) for k, v in metrics.items()}, 'seconds': time.perf_counter() - t0,
+            **({'reevaluated': quantized} if reused else {})}
 
 
 NO_ITERATIONS = ('rtn', 'qwt')
@@ -123,9 +121,7 @@ class Cell:
         return min(len(self.values), len(other.values)) > 1 and self.mean - other.mean > self.std + other.std
 
     def text(self, digits: int) -> str:
-        if len(self.values) == 1:
-            return f'{self.mean:.{digits}f}'
-        return f'{self.mean:.{digits}f}±{self.std:.{digits}f}'
+        return f'{self.mean:.{digits}f}' + (f'±{self.std:.{digits}f}' if len(self.values) > 1 else '')
 
 
 def cell(res: dict, name: str, wa: tuple, key: str):
@@ -278,11 +274,6 @@ def load_results(path: str) -> dict:
     return results
 
 
-def save_results(results: dict, path: str) -> None:
-    from qdrop_mm.openmmlab.atomic_io import atomic_write_json
-    atomic_write_json(results, path)
-
-
 def check_same_fp_model(model: str, res: dict, digest, fp_metrics: dict, where: str) -> None:
     """Refuse to mix runs of two different FP models of `model` in one table.
 
@@ -290,10 +281,8 @@ def check_same_fp_model(model: str, res: dict, digest, fp_metrics: dict, where: 
     matched on their FP metrics instead.
     """
     have = res.get('fp_digest')
-    if have is not None and digest is not None:
-        same = have == digest
-    else:
-        same = not res.get('runs') or not res.get('fp') or not fp_metrics or res['fp'] == fp_metrics
+    same = have == digest if have is not None and digest is not None else (
+        not res.get('runs') or not res.get('fp') or not fp_metrics or res['fp'] == fp_metrics)
     if not same:
         raise SystemExit(f'error: {where} holds {model} runs of another FP model (digest {have or "unknown"}, '
                          f'FP {res.get("fp")}); the current one is {digest or "unknown"} (FP {fp_metrics}). '
@@ -338,6 +327,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     import torch
     from qdrop_mm.demo.training import evaluate_fp_model, train_fp_model, with_val_split
+    from qdrop_mm.openmmlab.atomic_io import atomic_write_json
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.seeds < 1:
@@ -354,7 +344,7 @@ def main(argv=None) -> dict:
     command = 'python tools/bench_accuracy.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     results['commands'] = list(dict.fromkeys(results.get('commands', []) + [command]))
     if args.merge:
-        save_results(results, path)
+        atomic_write_json(results, path)
     for base in ([] if args.no_run else args.models):
         cfg_path = osp.join(REPO, 'configs/demo', f'{base}.py')
         fp = train_fp_model(cfg_path, osp.join(REPO, 'work_dirs/demo', base))
@@ -367,22 +357,20 @@ def main(argv=None) -> dict:
             fp_metrics = res['fp'] if res.get('fp_digest') == digest else evaluate_fp_model(config, fp['checkpoint'])
         check_same_fp_model(model, res, digest, fp_metrics, path)
         res['fp'], res['fp_digest'] = fp_metrics, digest
-        save_results(results, path)
+        atomic_write_json(results, path)
         for seed in range(args.seeds):
             for (w_bits, a_bits), method in plan:
                 key = (method, w_bits, a_bits, args.iters, args.num_images, tuple(args.options), seed)
                 if any(run_key(r) == key for r in res['runs']):
                     continue
                 res['runs'].append(run_one(model, method, w_bits, a_bits, seed, args, fp['checkpoint'], config))
-                save_results(results, path)
+                atomic_write_json(results, path)
     methods = list(dict.fromkeys(args.methods + args.sanity_methods))
     print((markdown if args.markdown else table)(results, methods, bits + sanity))
     plot(results, methods, bits + sanity, osp.join(args.out, 'accuracy.png'))
-    written = 'accuracy.png'
     if args.curve:
         wa = parse([args.curve])[0]
         print(curve_table(results, wa))
         plot_curves(results, wa, osp.join(args.out, 'curve.png'))
-        written += ' and curve.png'
-    print(f'wrote {path} and {written}')
+    print(f'wrote {path} and accuracy.png' + (' and curve.png' if args.curve else ''))
     return results

@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from itertools import product
 from typing import Any, Dict, Tuple
 
 import torch
@@ -100,12 +101,10 @@ def main(argv=None) -> dict:
         parse_method(spec)
     bits = [tuple(int(b) for b in pair.split('/')) for pair in args.bits]
     rows = []
-    for w_bits, a_bits in bits:
-        for spec in args.methods:
-            for seed in range(args.seed, args.seed + args.seeds):
-                rows.append(run_cell(spec, w_bits, a_bits, seed, args))
-                print(f'W{w_bits}A{a_bits} {spec:<40} seed {seed} held-out MSE {rows[-1]["held_out_mse"]:.4f} '
-                      f'({rows[-1]["seconds"]:.1f} s)', flush=True)
+    for (w_bits, a_bits), spec, seed in product(bits, args.methods, range(args.seed, args.seed + args.seeds)):
+        rows.append(run_cell(spec, w_bits, a_bits, seed, args))
+        print(f'W{w_bits}A{a_bits} {spec:<40} seed {seed} held-out MSE {rows[-1]["held_out_mse"]:.4f} '
+              f'({rows[-1]["seconds"]:.1f} s)', flush=True)
     result = {'iters_per_unit': args.iters, 'seeds': list(range(args.seed, args.seed + args.seeds)),
               'calib_batches': args.calib_batches, 'batch_size': args.batch_size,
               'command': 'python tools/bench_block_mse.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),

@@ -147,21 +147,14 @@ def write_case_config(case: Case, work_dir: str, data_root: str, test_images: in
                                for s in ('train', 'val'))
         evaluator = dict(_delete_=True, type='IoUMetric', iou_metrics=['mIoU'])
     model.update(dict(case.model))
-    train = dict(loader, batch_size=2, dataset=train_set)
     test = dict(loader, dataset=dict(test_set, indices=test_images))
-    text = '\n'.join([
-        f'_base_ = [{stock!r}, {osp.join(REPO, "configs", "_base_", "ptq_qdrop.py")!r}]',
-        f'model = {model!r}',
-        f'train_dataloader = {train!r}',
-        f'test_dataloader = {test!r}',
-        f'val_dataloader = {test!r}',
-        f'test_evaluator = {evaluator!r}',
-        f'val_evaluator = {evaluator!r}',
-        "test_cfg = dict(type='qdrop_mm.PTQLoop')",
-    ])
+    assignments = dict(_base_=[stock, osp.join(REPO, 'configs', '_base_', 'ptq_qdrop.py')], model=model,
+                       train_dataloader=dict(loader, batch_size=2, dataset=train_set), test_dataloader=test,
+                       val_dataloader=test, test_evaluator=evaluator, val_evaluator=evaluator)
     path = osp.join(work_dir, f'{case.name}.py')
     with open(path, 'w') as f:
-        f.write(text + '\n')
+        f.writelines(f'{k} = {v!r}\n' for k, v in assignments.items())
+        f.write("test_cfg = dict(type='qdrop_mm.PTQLoop')\n")
     return path
 
 
@@ -191,13 +184,9 @@ def save_random_checkpoint(config: str, path: str, seed: int = 0) -> str:
 
 
 def _prediction_tensors(sample: Any) -> Dict[str, Any]:
-    out = {}
-    for key in ('pred_instances', 'pred_sem_seg', 'seg_logits'):
-        data = getattr(sample, key, None)
-        if data is not None:
-            for k, v in data.items():
-                out[f'{key}.{k}'] = v.detach().cpu().clone() if hasattr(v, 'detach') else v
-    return out
+    return {f'{key}.{k}': v.detach().cpu().clone() if hasattr(v, 'detach') else v
+            for key in ('pred_instances', 'pred_sem_seg', 'seg_logits') if getattr(sample, key, None) is not None
+            for k, v in getattr(sample, key).items()}
 
 
 def run_ptq(config: str, checkpoint: str, work_dir: str, options: List[str],

@@ -125,13 +125,12 @@ def bench_unit(name: str, fp_module: nn.Module, quant_module: nn.Module, x_shape
         with torch.no_grad():
             fp_module(images[0])
 
-    fp_s = timed(fp_step, args.iters, device)
-    target_recompute_s = timed(fp_forward, args.iters, device)
+    row = {'unit': name, 'input': list(x_shape), 'fp_fwd_bwd_s': timed(fp_step, args.iters, device),
+           'fp_forward_s': timed(fp_forward, args.iters, device)}
     ident = lambda m, b: m(b)  # noqa: E731
     calibrate_activations(quant_module, images, ident)
     base_stage = build_method('qdrop', iters=2 * args.iters, log_interval=args.iters).stages[0]
     state = {k: v.clone() for k, v in quant_module.state_dict().items()}
-    row = {'unit': name, 'input': list(x_shape), 'fp_fwd_bwd_s': fp_s, 'fp_forward_s': target_recompute_s}
     on_device = CachePolicy(device_budget=int(args.device_budget_gb * GiB))
     for variant in args.variants:
         module, batch = quant_module, images
@@ -157,7 +156,7 @@ def bench_unit(name: str, fp_module: nn.Module, quant_module: nn.Module, x_shape
             quant_module.load_state_dict(state)
             quant_module.to(memory_format=torch.contiguous_format)
         row[f'{variant}_s_per_iter'] = per_iter
-        row[f'{variant}_ratio'] = per_iter / fp_s
+        row[f'{variant}_ratio'] = per_iter / row['fp_fwd_bwd_s']
         row[f'{variant}_peak_mb'] = peak_memory_mb(device)
     return row
 
@@ -253,10 +252,8 @@ def bench_cpu_blocks(args) -> dict:
         for variant in args.variants:
             cmd = [sys.executable, osp.join(REPO, 'tools', 'bench_speed.py'), '--cpu-one', block, variant, '--cpu-iters', str(args.cpu_iters)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                rows.append({'unit': block, 'variant': variant, 'error': out.stderr.strip().splitlines()[-1][:300]})
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
+                        {'unit': block, 'variant': variant, 'error': out.stderr.strip().splitlines()[-1][:300]})
     return {'device': device_name(torch.device('cpu')) + ', one thread', 'torch': torch.__version__,
             'case': 'cpu_blocks', 'method': 'qdrop W4A4 p=0.5', 'batch': 8, 'iters': args.cpu_iters,
             'variants': list(args.variants), 'rows': rows}
@@ -310,22 +307,19 @@ class UnitMeter(PTQCallbacks):
         self.rows: List[Dict] = []
         self.compensation: List[Dict] = []
         self._t0 = 0.0
-        self.clock = SteadyClock()
+        self.progress = SteadyClock()  # the run's progress callback: this unit's steady-state clock
 
     def before_unit(self, stage_idx, unit) -> None:
         sync(self.device)
         reset_peak(self.device)
         self._t0 = time.perf_counter()
-        self.clock = SteadyClock()
-
-    def progress(self, it: int, total: int, loss: float) -> None:
-        self.clock(it, total, loss)
+        self.progress = SteadyClock()
 
     def after_unit(self, record) -> None:
         sync(self.device)
         total = time.perf_counter() - self._t0
         r = record.result
-        steady = self.clock.seconds_per_iter()
+        steady = self.progress.seconds_per_iter()
         self.rows.append({'unit': record.name, 'recon_s_per_iter': steady,
                           'first_iters_overhead_s': r.seconds - steady * r.iters,
                           'capture_and_eval_s': total - r.seconds, 'cache_mb': record.cache_bytes / 2 ** 20,
@@ -334,11 +328,10 @@ class UnitMeter(PTQCallbacks):
                           'loss_after': r.loss_after})
 
     def after_method_step(self, unit, record, message: str) -> None:
-        if record is None:
-            return
-        r = record.result
-        self.compensation.append({'unit': record.name, 'fit_s': r.seconds, 'rel_error_before': r.rel_error_before,
-                                  'rel_error_after': r.rel_error_after})
+        if record is not None:
+            r = record.result
+            self.compensation.append({'unit': record.name, 'fit_s': r.seconds,
+                                      'rel_error_before': r.rel_error_before, 'rel_error_after': r.rel_error_after})
 
 
 def bench_e2e(args, device) -> dict:
@@ -390,8 +383,7 @@ def print_tables(result: dict) -> None:
         cells = ''.join(f" {r[v + '_s_per_iter'] * 1e3:>7.1f} x{r[v + '_ratio']:<4.2f}" for v in variants)
         print(f"{r['unit']:<38} {'x'.join(map(str, r['input'])):>16} {r['fp_fwd_bwd_s'] * 1e3:>9.1f}{cells} "
               f"{r['cache_bytes_per_image'] / 2 ** 20:>12.1f} {r['fp_forward_s'] * 1e3:>10.1f} ms")
-    e2e = result.get('e2e')
-    if e2e:
+    if e2e := result.get('e2e'):
         print(f"\nend to end: ResNet-50 + FPN, input {'x'.join(map(str, e2e['input']))} (widths {e2e['widths']}), "
               f"{e2e['images']} images, {e2e['method']}, {e2e['iters_per_unit']} it/unit, compile={e2e['compile']}, "
               f"cache {e2e['cache_policy']}: wall {e2e['wall_s']:.1f} s")
@@ -400,8 +392,7 @@ def print_tables(result: dict) -> None:
             print(f"{r['unit']:<12} {r['recon_s_per_iter'] * 1e3:>11.1f} "
                   f"{max(r['first_iters_overhead_s'], 0.0):>9.2f} {r['capture_and_eval_s']:>9.2f} "
                   f"{r['cache_mb']:>9.1f} {r['peak_mb']:>9.0f}")
-        if e2e['compensation']:
-            fits = e2e['compensation']
+        if fits := e2e['compensation']:
             print(f"QwT compensation: {len(fits)} units fitted in {sum(r['fit_s'] for r in fits):.1f} s; relative "
                   f"output error summed over units {sum(r['rel_error_before'] for r in fits):.3f} -> "
                   f"{sum(r['rel_error_after'] for r in fits):.3f}")
@@ -439,7 +430,6 @@ def main(argv=None) -> dict:
         result = bench_cpu_blocks(args)
         print_cpu_table(result)
         return write_json(result, args.out or 'docs/results/speed_cpu.json')
-    args.out = args.out or 'work_dirs/bench_speed.json'
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     rows = [bench_unit(n, fp, q, shape, args, device) for n, fp, q, shape in build_units(args.scale)]
@@ -449,7 +439,7 @@ def main(argv=None) -> dict:
     if args.e2e_images:
         result['e2e'] = bench_e2e(args, device)
     print_tables(result)
-    return write_json(result, args.out)
+    return write_json(result, args.out or 'work_dirs/bench_speed.json')
 
 
 def write_json(result: dict, path: str) -> dict:
