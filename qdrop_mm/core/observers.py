@@ -97,7 +97,8 @@ class MSEObserver(MinMaxObserver):
                 new_min = -zp * delta
                 score = lp_error(x2d, new_min, new_min + width, self.qmax, self.p)
                 better = score < best[0]
-                best[:] = [torch.where(better, new, old) for new, old in zip((score, new_min, new_min + width, frac), best)]
+                best[:] = [torch.where(better, new, old)
+                           for new, old in zip((score, new_min, new_min + width, frac), best)]
 
         step = max(1, min(self.coarse_step, self.num))
         for i in range(step, self.num + 1, step):
