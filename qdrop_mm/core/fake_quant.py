@@ -43,9 +43,7 @@ def grad_scale(x: Tensor, factor: float) -> Tensor:
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmax: int) -> Tensor:
     """Quantize-dequantize x: s·(clamp(round(x/s) + z, 0, qmax) − z)."""
-    x_int = round_ste(x / scale) + zero_point
-    x_int = torch.clamp(x_int, 0, qmax)
-    return (x_int - zero_point) * scale
+    return (torch.clamp(round_ste(x / scale) + zero_point, 0, qmax) - zero_point) * scale
 
 
 def qparams_from_range(x_min: Tensor, x_max: Tensor, qmax: int) -> Tuple[Tensor, Tensor]:

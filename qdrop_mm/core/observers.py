@@ -90,19 +90,15 @@ class MSEObserver(MinMaxObserver):
         best = [torch.full_like(x_min, float('inf')), x_min.clone(), x_max.clone(), torch.full_like(x_min, self.num)]
 
         def try_fraction(frac: Tensor) -> None:
-            score_b, min_b, max_b, frac_b = best
             width = xrange * frac / self.num
             delta = width / self.qmax
             for off in offsets:
                 zp = (zp_centre + off).clamp(0, self.qmax)
                 new_min = -zp * delta
                 score = lp_error(x2d, new_min, new_min + width, self.qmax, self.p)
-                better = score < score_b
-                score_b = torch.where(better, score, score_b)
-                min_b = torch.where(better, new_min, min_b)
-                max_b = torch.where(better, new_min + width, max_b)
-                frac_b = torch.where(better, frac, frac_b)
-            best[:] = (score_b, min_b, max_b, frac_b)
+                better = score < best[0]
+                best[:] = [torch.where(better, new, old)
+                           for new, old in zip((score, new_min, new_min + width, frac), best)]
 
         step = max(1, min(self.coarse_step, self.num))
         for i in range(step, self.num + 1, step):

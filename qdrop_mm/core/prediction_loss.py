@@ -226,8 +226,11 @@ class PredictionTerm:
     def predictions(self, unit: nn.Module, i: int, unit_output: Tensor) -> List[PredictionGroup]:
         """Predictions on batch i with ``unit``'s output replaced by ``unit_output`` and every later unit FP."""
         _, context = self.fp.get(i)
+        later = next((self.modules[k + 1:] for k, m in enumerate(self.modules) if m is unit), None)
+        if later is None:
+            raise ValueError(f'{type(unit).__name__} is not one of the run\'s units')
         with ExitStack() as stack:
-            for m in self.modules[self._index(unit) + 1:]:
+            for m in later:
                 stack.enter_context(quant_state(m, weight=False, act=False))
             stack.enter_context(replaced_output(unit, unit_output))
             groups, _ = self.source.predict_fn(self.model, self.batches[i], context)
@@ -242,6 +245,10 @@ class PredictionTerm:
         with quant_state(self.model, weight=True, act=stage.act_quant, drop_prob=1.0):
             return self.difference(unit, i, unit_output)
 
+    def _cached_difference(self, unit: nn.Module, cache: UnitCache, i: int, stage: StageConfig) -> Tensor:
+        """The tail difference for ``unit``'s output on its cached quantized input of batch i."""
+        return self._tail_difference(unit, i, cache.call_args[i](unit, cache.x_q.get(i, self.device)), stage)
+
     def training_loss(self, unit: nn.Module, cache: UnitCache, stage: StageConfig
                       ) -> Callable[[int], Optional[Tensor]]:
         """The extra loss for ``reconstruct_unit``: pd_weight × the difference on a random cached batch."""
@@ -249,20 +256,15 @@ class PredictionTerm:
             if it % self.cfg.pd_interval:
                 return None
             i = int(torch.randint(0, len(cache), ()).item())
-            out = cache.call_args[i](unit, cache.x_q.get(i, self.device))
-            return self.cfg.pd_weight * self._tail_difference(unit, i, out, stage)
+            return self.cfg.pd_weight * self._cached_difference(unit, cache, i, stage)
         return term
 
     @torch.no_grad()
     def evaluate(self, unit: nn.Module, cache: UnitCache, stage: StageConfig) -> float:
         """Mean difference over the first cached batches (at most EVAL_BATCHES), unit fully quantized, no drop."""
         n = min(len(cache), EVAL_BATCHES)
-        total = 0.0
         with quant_state(unit, weight=True, act=stage.act_quant, drop_prob=1.0):
-            for i in range(n):
-                out = cache.call_args[i](unit, cache.x_q.get(i, self.device))
-                total += self._tail_difference(unit, i, out, stage).item()
-        return total / n
+            return sum(self._cached_difference(unit, cache, i, stage).item() for i in range(n)) / n
 
     def input_correction(self, name: str) -> Optional[InputCorrection]:
         """DC for the named unit's cached FP inputs (None: off, or no BatchNorm in its FP module)."""
@@ -298,12 +300,6 @@ class PredictionTerm:
             rec.extra.update(dc_mismatch_before=stats['dc_mismatch_before'] / n,
                              dc_mismatch_after=stats['dc_mismatch_after'] / n, dc_seconds=stats['dc_seconds'])
         return rec
-
-    def _index(self, unit: nn.Module) -> int:
-        for k, m in enumerate(self.modules):
-            if m is unit:
-                return k
-        raise ValueError(f'{type(unit).__name__} is not one of the run\'s units')
 
 
 class PredictionHooks(MethodHooks):

@@ -46,10 +46,8 @@ class QuantMultiheadAttention(nn.Module):
         if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
             raise ValueError('nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported')
         self.embed_dim, self.num_heads, self.batch_first = mha.embed_dim, mha.num_heads, mha.batch_first
-        q, k, v = split_in_projection(mha)
-        self.q_proj = make_projection('q_proj', q)
-        self.k_proj = make_projection('k_proj', k)
-        self.v_proj = make_projection('v_proj', v)
+        for name, linear in zip(('q_proj', 'k_proj', 'v_proj'), split_in_projection(mha)):
+            setattr(self, name, make_projection(name, linear))
         self.out_proj = make_projection('out_proj', _linear_copy(mha.out_proj.weight, mha.out_proj.bias))
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,

@@ -77,9 +77,7 @@ def unit_errors(unit: nn.Module, cache: UnitCache, device: torch.device, act_qua
     """(mean output MSE, relative error ||y_q - y||² / ||y||²) over the cache (its first ``entries``), fully
     quantized, no drop."""
     n = len(cache) if entries is None else min(entries, len(cache))
-    mse = torch.zeros((), dtype=torch.float64, device=device)
-    err = torch.zeros((), dtype=torch.float64, device=device)
-    ref = torch.zeros((), dtype=torch.float64, device=device)
+    mse, err, ref = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
     with quant_state(unit, weight=True, act=act_quant, drop_prob=1.0):
         for i in range(n):
             _, x_q, target, call = cache.entry(i, device)
@@ -153,9 +151,8 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig, prog
             rec = fused.output_mse(y, target, compile_kernels) if fast else output_mse(y, target)
             loss = rec / k if k > 1 else rec
             if micro == 0:
-                round_term = reg(it, wqs) if w_opt is not None else None
-                extra_term = extra_loss(it) if extra_loss is not None else None
-                for term in (round_term, extra_term):
+                for term in (reg(it, wqs) if w_opt is not None else None,
+                             extra_loss(it) if extra_loss is not None else None):
                     if term is not None:
                         loss = loss + term
             loss.backward()
@@ -197,10 +194,8 @@ def reconstruct_unit(unit: nn.Module, cache: UnitCache, stage: StageConfig, prog
                             progress(stage.iters, stage.iters, value)
                         break
     finally:
-        for q in aqs:
-            q.scale.requires_grad_(False)
-        for b in b_params:
-            b.requires_grad_(False)
+        for p in [q.scale for q in aqs] + b_params:
+            p.requires_grad_(False)
     if stage.learn_rounding:
         for q in wqs:
             q.set_mode('hard')

@@ -34,8 +34,7 @@ class SensitivityResult:
 def relative_output_error(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
                           reference: Sequence[List[Tensor]]) -> float:
     """Σ||out - ref||² / Σ||ref||² over ``batches`` with the model's current quantizer state."""
-    err = torch.zeros((), dtype=torch.float64)
-    ref = torch.zeros((), dtype=torch.float64)
+    err, ref = (torch.zeros((), dtype=torch.float64) for _ in range(2))
     for batch, fp in zip(batches, reference):
         out = output_tensors(forward_fn(model, batch))
         if len(out) != len(fp):

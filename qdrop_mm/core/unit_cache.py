@@ -258,9 +258,7 @@ class UnitCache:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self._next = None
-        self._next_copy = None
-        self._stacked = None
+        self._next = self._next_copy = self._stacked = None
         for s in (self.x_fp, self.x_q, self.target):
             s._items.clear()
         self.call_args.clear()
