@@ -4,21 +4,18 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import suppress
 from typing import IO, Any, Callable
 
 
 def fsync_dir(folder: str) -> None:
     """Make a rename in ``folder`` durable (best effort where directories cannot be opened)."""
-    try:
+    with suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True) -> None:

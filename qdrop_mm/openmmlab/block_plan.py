@@ -103,14 +103,17 @@ class PlanContext:
 
     def convert_children(self, module: nn.Module, path: str) -> None:
         for name, child in list(module.named_children()):
-            new = convert(child, f'{path}.{name}' if path else name, self)
-            if new is not child:
-                setattr(module, name, new)
+            setattr(module, name, convert(child, f'{path}.{name}' if path else name, self))
+
+
+def rule_for(module: nn.Module) -> Optional[RuleFn]:
+    """The rule registered for ``module``'s type or its nearest base class, if any."""
+    return next((_RULES[cls] for cls in type(module).__mro__ if cls in _RULES), None)
 
 
 def convert(module: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
     """Quantized replacement of ``module`` (or the module itself, converted in place)."""
-    rule = next((_RULES[cls] for cls in type(module).__mro__ if cls in _RULES), None)
+    rule = rule_for(module)
     if rule is not None:
         return rule(module, path, ctx)
     if is_plain_layer(module):
@@ -284,10 +287,7 @@ def plan_model(model: nn.Module, settings: PTQSettings,
     ctx = PlanContext(settings, input_layer=input_layer_path(model))
     for path, module in resolve_scope(model, settings.scope):
         parent_path, _, name = path.rpartition('.')
-        parent = model.get_submodule(parent_path) if parent_path else model
-        new = convert(module, path, ctx)
-        if new is not module:
-            setattr(parent, name, new)
+        setattr(model.get_submodule(parent_path), name, convert(module, path, ctx))
     if not ctx.units:
         raise ValueError(f'ptq.scope {list(settings.scope)} contains no Conv2d/Linear layer to quantize')
     check_overrides(settings, ctx.layer_paths, scope_paths(model, settings.scope))

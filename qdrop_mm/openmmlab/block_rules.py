@@ -13,6 +13,7 @@ Importing this module registers them.
 from __future__ import annotations
 
 import importlib
+from contextlib import suppress
 from typing import Dict, List, Optional, Tuple
 
 from torch import nn
@@ -21,8 +22,8 @@ from qdrop_mm.core import QuantLayer, QuantOutput, QuantResidual
 from qdrop_mm.core.placement import block_branch
 from qdrop_mm.core.qattention import QuantMultiheadAttention
 
-from .block_plan import (_RULES, PlanContext, RuleFn, UnsupportedModuleError, convert, is_activation, is_plain_layer,
-                         register_rule)
+from .block_plan import (PlanContext, RuleFn, UnsupportedModuleError, convert, is_activation, is_plain_layer,
+                         register_rule, rule_for)
 
 
 def _plain(layer: nn.Module, path: str) -> nn.Module:
@@ -134,7 +135,7 @@ def _fpn(neck: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
 def _conv_like(m: nn.Module, path: str, ctx: PlanContext, quantize_output: bool) -> nn.Module:
     """A ConvModule or DepthwiseSeparableConvModule as quantized layers (no unit declared); the latter converted in
     place: depthwise output quantized, pointwise as asked."""
-    if not isinstance(m, _DEPTHWISE_SEPARABLE):
+    if rule_for(m) is not _depthwise_separable_unit:
         return _conv_module_layer(m, path, ctx, quantize_output)
     m.depthwise_conv = _conv_module_layer(m.depthwise_conv, f'{path}.depthwise_conv', ctx, quantize_output=True)
     m.pointwise_conv = _conv_module_layer(m.pointwise_conv, f'{path}.pointwise_conv', ctx, quantize_output)
@@ -189,7 +190,7 @@ def _pafpn(neck: nn.Module, path: str, ctx: PlanContext) -> nn.Module:
         ctx.convert_children(getattr(neck, name), f'{path}.{name}')
     for i, conv in enumerate(neck.out_convs):
         p = f'{path}.out_convs.{i}'
-        kind = 'block' if isinstance(conv, _DEPTHWISE_SEPARABLE) else 'layer'
+        kind = 'block' if rule_for(conv) is _depthwise_separable_unit else 'layer'
         neck.out_convs[i] = ctx.add_unit(p, _conv_like(conv, p, ctx, ctx.settings.quantize_fpn_outputs), kind)
     return neck
 
@@ -320,8 +321,6 @@ def _transformer_block(block: nn.Module, path: str, ctx: PlanContext) -> nn.Modu
     return ctx.block_unit(block, path)
 
 
-_DEPTHWISE_SEPARABLE: Tuple[type, ...] = ()  # mmcv's DepthwiseSeparableConvModule when installed
-
 # The rules of each package, as import batches of (module, {class name: rule}): a batch registers once all its
 # classes import, and the first batch that does not import ends its package's registrations.
 _PACKAGE_RULES = (
@@ -362,16 +361,12 @@ def _import_rules(module: str, rules: Dict[str, RuleFn]) -> List[Tuple[type, Rul
 
 def register_openmmlab_rules() -> None:
     """Register rules for whichever of mmcv / mmdet / mmseg are installed."""
-    global _DEPTHWISE_SEPARABLE
     register_rule(nn.MultiheadAttention)(_multihead_attention)
     for batches in _PACKAGE_RULES:
-        try:
+        with suppress(ImportError):
             for batch in batches:
                 for cls, rule in [pair for module, rules in batch for pair in _import_rules(module, rules)]:
                     register_rule(cls)(rule)
-        except ImportError:
-            pass
-    _DEPTHWISE_SEPARABLE = tuple(cls for cls, rule in _RULES.items() if rule is _depthwise_separable_unit)
 
 
 register_openmmlab_rules()

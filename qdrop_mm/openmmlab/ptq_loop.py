@@ -292,7 +292,9 @@ class PTQLoop(TestLoop):
                              settings.cache_policy(self.runner.work_dir), hooks=hooks)
         except NonFiniteLossError as err:
             raise self._non_finite(err, callbacks, method) from None
-        feature_error = self._feature_error(batches, held_out) if held_out else None
+        extra: Dict[str, Any] = {'resumed_units': session.resumed_units}
+        if held_out:
+            extra['feature_error'] = self._feature_error(batches, held_out)
         t2 = time.perf_counter()
         path = os.path.join(self.runner.work_dir, QUANTIZED_FILE)
         meta = {'ptq': settings.to_dict(), 'method': method.to_dict(),
@@ -302,9 +304,9 @@ class PTQLoop(TestLoop):
         session.update(status='complete')
         self.quantized_path = path
         logger.info(f'saved quantized model to {path}')
-        method_report = {key: value for hook in hooks for key, value in hook.report(result).items()}
-        return {'result': result, 'timings': {'calibration_data': t1 - t0, 'reconstruction': t2 - t1},
-                'feature_error': feature_error, 'method_report': method_report}
+        for hook in hooks:
+            extra.update(hook.report(result))
+        return {'result': result, 'timings': {'calibration_data': t1 - t0, 'reconstruction': t2 - t1}, 'extra': extra}
 
     @torch.no_grad()
     def _feature_error(self, calib: Sequence[dict], held_out: Sequence[dict]) -> Dict[str, Any]:
@@ -340,7 +342,7 @@ class PTQLoop(TestLoop):
         self.settings, self.plan = rebuild_quantized(self.model, path, self.settings)
         self.runner.logger.info(f'loaded quantized model from {path}')
         log_plan_coverage(self.runner.logger, self.plan)
-        return {'result': None, 'timings': {}}
+        return {'result': None, 'timings': {}, 'extra': {}}
 
     def run(self) -> dict:
         t0 = time.perf_counter()
@@ -348,13 +350,8 @@ class PTQLoop(TestLoop):
         t1 = time.perf_counter()
         metrics = super().run()
         timings = dict(done['timings'], evaluation=time.perf_counter() - t1, total=time.perf_counter() - t0)
-        extra: Dict[str, Any] = {'loaded_from': self.load_quantized}
-        if not self.load_quantized:
-            extra['resumed_units'] = self.session.resumed_units
-        if done.get('feature_error'):
-            extra['feature_error'] = done['feature_error']
-        extra.update(done.get('method_report', {}))
-        report = build_report(self.settings, self.plan.units, done['result'], metrics, timings, extra=extra,
+        report = build_report(self.settings, self.plan.units, done['result'], metrics, timings,
+                              extra={'loaded_from': self.load_quantized, **done['extra']},
                               fp_layers=[asdict(f) for f in self.plan.fp_layers],
                               unfolded_norms=self.plan.unfolded_norms)
         if is_main_process():

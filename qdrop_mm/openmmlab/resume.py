@@ -312,19 +312,14 @@ class ResumeSession:
         ``rng``: the RNG states of every rank (default: this process's); stored as a list by rank.
         """
         files = list(manifest.get('files', []))
-        name = 'calibration.pth' if kind == 'calibration' else f'unit-{len(files):04d}.pth'
-        if not self.writer:
-            self.manifest = dict(manifest, format=FORMAT, files=files + [{'name': name}])
-            return
-        path = os.path.join(self.dir, name)
-        payload = {'format': FORMAT, 'kind': kind, 'state_dict': state_dict,
-                   'rng': rng if rng is not None else [rng_state()]}
-        atomic_save(payload, path)  # creates the folder, fsyncs the file and the folder
-        size, digest = _file_digest(path)
-        files.append({'name': name, 'bytes': size, 'sha256': digest})
-        manifest = dict(manifest, format=FORMAT, files=files, updated=time.strftime('%Y-%m-%d %H:%M:%S'))
-        atomic_write_json(manifest, self.manifest_path, indent=1)
-        self.manifest = manifest
+        entry = {'name': 'calibration.pth' if kind == 'calibration' else f'unit-{len(files):04d}.pth'}
+        if self.writer:
+            path = os.path.join(self.dir, entry['name'])
+            atomic_save({'format': FORMAT, 'kind': kind, 'state_dict': state_dict,  # creates the folder, fsyncs
+                         'rng': rng if rng is not None else [rng_state()]}, path)
+            entry['bytes'], entry['sha256'] = _file_digest(path)
+        self.manifest = dict(manifest, format=FORMAT, files=files + [entry])
+        self.update()  # the manifest, written last
 
     def update(self, **fields: Any) -> None:
         """Rewrite the manifest with some fields changed (same state files; none written yet: nothing to do)."""

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import os.path as osp
 import pprint
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from mmengine.config import ConfigDict
 from mmengine.runner import TestLoop
 
 from qdrop_mm.core import Unit, calibrate_activations, quant_state
@@ -194,8 +195,7 @@ class SensitivityLoop(TestLoop):
         logger, work_dir = self.runner.logger, self.runner.work_dir
         t0 = time.perf_counter()
         for name in (SENSITIVITY_JSON, SENSITIVITY_FILE, MIXED_PRECISION_CONFIG):  # never an earlier run's result
-            if osp.exists(osp.join(work_dir, name)):
-                os.unlink(osp.join(work_dir, name))
+            Path(work_dir, name).unlink(missing_ok=True)
         units, held_out, forward = self._quantize()
         settings = self.settings  # with --quantized: the saved model's own
         parts, owner = self._parts(units)
@@ -250,9 +250,8 @@ class SensitivityLoop(TestLoop):
         if self.quantized:  # its own settings pick the scope and the held-out images
             self.settings, plan = rebuild_quantized(model, self.quantized, self.settings)
         settings = self.settings
-        with config_errors():
-            paths = scope_paths(model, settings.scope)
-            check_roi_head_scope(model, paths)  # no method runs here: PD-Quant's own check on heads does not apply
+        paths = scope_paths(model, settings.scope)
+        check_roi_head_scope(model, paths)  # no method runs here: PD-Quant's own check on heads does not apply
         seed_everything(settings.seed)
         wanted = dataclasses.replace(settings, num_images=settings.num_images + self.eval_images)
         try:
@@ -289,35 +288,25 @@ class SensitivityLoop(TestLoop):
         report['mixed_precision_config'] = None
         if report['suggested_overrides'] and base and osp.isfile(base):
             path = osp.abspath(osp.join(work_dir, MIXED_PRECISION_CONFIG))
-            ptq = dict(_to_plain(self.ptq_cfg), overrides=report['config_overrides'])
+            ptq = dict(ConfigDict(self.ptq_cfg).to_dict(), overrides=report['config_overrides'])
             write_mixed_precision_config(path, base, ptq, self.runner.cfg.get('load_from'))
             report['mixed_precision_config'] = path
         atomic_write_json(report, osp.join(work_dir, SENSITIVITY_JSON))
 
     def _measure_metric(self, units: Sequence[Unit], rows: List[Dict[str, Any]], report: Dict[str, Any]) -> None:
         """The evaluator's metric for FP, every part quantized and each part alone (parts + 2 evaluations)."""
-        model, logger = self.model, self.runner.logger
-        with quant_state(model, weight=False, act=False):
+        with quant_state(self.model, weight=False, act=False):  # only what is switched on below is quantized
             fp_metrics = TestLoop.run(self)
-        key = choose_metric(fp_metrics, self.metric)
-        report['metric'] = key
-        report['fp'] = {'metric': float(fp_metrics[key]), 'metrics': plain_metrics(fp_metrics)}
-        with quant_state(model, weight=False, act=False), all_quantized(units):
-            all_metrics = TestLoop.run(self)
-        report['all_units'].update(metric=float(all_metrics[key]), metrics=plain_metrics(all_metrics))
-        for i, (unit, row) in enumerate(zip(units, rows)):
-            with quant_state(model, weight=False, act=False), \
-                    quant_state(unit.module, weight=True, act=True, drop_prob=1.0):
-                value = float(TestLoop.run(self)[key])
-            row['metric'], row['metric_drop'] = value, report['fp']['metric'] - value
-            logger.info(f'[{key}] {report["part"]} {i + 1}/{len(units)} {unit.name} alone quantized: {value:.4f} '
-                        f'(FP {report["fp"]["metric"]:.4f})')
+            key = choose_metric(fp_metrics, self.metric)
+            report['metric'] = key
+            report['fp'] = {'metric': float(fp_metrics[key]), 'metrics': plain_metrics(fp_metrics)}
+            with all_quantized(units):
+                all_metrics = TestLoop.run(self)
+            report['all_units'].update(metric=float(all_metrics[key]), metrics=plain_metrics(all_metrics))
+            for i, (unit, row) in enumerate(zip(units, rows)):
+                with quant_state(unit.module, weight=True, act=True, drop_prob=1.0):
+                    value = float(TestLoop.run(self)[key])
+                row['metric'], row['metric_drop'] = value, report['fp']['metric'] - value
+                self.runner.logger.info(f'[{key}] {report["part"]} {i + 1}/{len(units)} {unit.name} alone quantized: '
+                                        f'{value:.4f} (FP {report["fp"]["metric"]:.4f})')
 
-
-def _to_plain(value: Any) -> Any:
-    """ConfigDicts and lists of them as plain dicts and lists (so their repr is a valid config)."""
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_plain(v) for v in value)
-    return value
