@@ -91,8 +91,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--evaluate N must be >= 0 (0: every test image), got {args.evaluate}')
     out_dir = osp.dirname(osp.abspath(output_path(args.quantized, args.out, args.whole)))
     try:
-        with tempfile.TemporaryFile(dir=out_dir):  # os.access is not reliable (e.g. for root)
-            pass
+        tempfile.TemporaryFile(dir=out_dir).close()  # os.access is not reliable (e.g. for root)
     except OSError as err:
         raise ValueError(f'--out: folder {out_dir} does not exist or is not writable ({err.strerror or err})') from None
 

@@ -44,7 +44,7 @@ PALETTE: Tuple[Tuple[int, int, int], ...] = (
 )
 SPLITS: Dict[str, int] = {"train": 0, "val": 1}
 JPEG_QUALITY = 95
-SMALL_AREA = 32 ** 2
+SMALL_AREA = 32 ** 2  # COCO eval's absolute area-bucket thresholds (32^2, 96^2)
 LARGE_AREA = 96 ** 2
 MIN_VISIBLE_FRACTION = 0.4
 MIN_VISIBLE_PIXELS = 12
@@ -65,11 +65,6 @@ class Instance:
     category_id: int
     mask: np.ndarray
     full_area: int
-
-
-def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """Independent generator for one image, derived from (seed, split, index)."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, SPLITS[split], index])))
 
 
 def _rotate(points: np.ndarray, theta: float) -> np.ndarray:
@@ -221,7 +216,7 @@ def render_image(
     earlier object with less than ``MIN_VISIBLE_FRACTION`` of its area visible, so every
     painted object is annotated and masks/boxes describe visible pixels only.
     """
-    rng = image_rng(seed, split, index)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, SPLITS[split], index])))
     img = _background(rng, image_size)
     _draw_distractors(img, rng)
     inst_map = np.full((image_size, image_size), -1, np.int16)
@@ -252,20 +247,10 @@ def render_image(
     return img_u8, semantic, instances
 
 
-def mask_to_bbox(mask: np.ndarray) -> List[int]:
-    """Tight [x, y, w, h] box (pixels, w/h >= 1) of a non-empty boolean mask."""
-    return list(cv2.boundingRect(mask.astype(np.uint8)))
-
-
 def encode_rle(mask: np.ndarray) -> Dict[str, Any]:
     """COCO compressed RLE (json-serialisable) of a boolean mask."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
-
-
-def size_bucket(area: int) -> str:
-    """COCO area bucket with the absolute thresholds used by COCO eval (32^2, 96^2)."""
-    return "small" if area < SMALL_AREA else ("medium" if area <= LARGE_AREA else "large")
 
 
 def _write_split(
@@ -285,10 +270,10 @@ def _write_split(
         images.append({"id": image_id, "file_name": f"{stem}.jpg", "width": image_size, "height": image_size})
         for inst in instances:
             area = int(inst.mask.sum())
-            buckets[size_bucket(area)] += 1
+            buckets["small" if area < SMALL_AREA else "medium" if area <= LARGE_AREA else "large"] += 1
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": inst.category_id,
-                "bbox": mask_to_bbox(inst.mask), "area": area, "iscrowd": 0,
+                "bbox": list(cv2.boundingRect(inst.mask.astype(np.uint8))), "area": area, "iscrowd": 0,
                 "segmentation": encode_rle(inst.mask),
             })
     coco = {

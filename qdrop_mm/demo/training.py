@@ -6,6 +6,7 @@ own checkpoints, which pickle training state (``HistoryBuffer``, numpy scalars, 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
@@ -131,13 +132,10 @@ def _rescale_schedule(cfg: Config, old_iters: int, new_iters: int) -> None:
             if sched.get("T_max") == end - begin:
                 sched["T_max"] = new_end - new_begin
             sched["end"], old_prev_end, new_prev_end = new_end, end, new_end
-    if cfg.get("max_iters") == old_iters:
-        cfg.max_iters = new_iters
-    if cfg.train_cfg.get("val_interval") == old_iters:
-        cfg.train_cfg.val_interval = new_iters
     checkpoint = cfg.get("default_hooks", {}).get("checkpoint") or {}
-    if checkpoint.get("interval") == old_iters:
-        checkpoint["interval"] = new_iters
+    for owner, key in ((cfg, "max_iters"), (cfg.train_cfg, "val_interval"), (checkpoint, "interval")):
+        if owner.get(key) == old_iters:
+            owner[key] = new_iters
 
 
 def _pipeline_scales(loader: Optional[Mapping[str, Any]]) -> List[Any]:
@@ -397,8 +395,6 @@ def _fmt(metrics: Mapping[str, float]) -> str:
 def _versions() -> Dict[str, str]:
     out = {"torch": str(torch.__version__)}
     for mod in ("mmengine", "mmcv", "mmdet", "mmseg"):  # only mmdet or mmseg can be missing: both import the others
-        try:
+        with contextlib.suppress(ImportError):
             out[mod] = str(__import__(mod).__version__)
-        except ImportError:
-            pass
     return out

@@ -164,15 +164,11 @@ def off_grid_biases(path: str) -> List[Tuple[str, float]]:
     graph = onnx.load(path).graph
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    consumers: Dict[str, List[str]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n.op_type)
     bad = []
     for node in graph.node:
         if node.op_type not in ('Conv', 'Gemm') or len(node.input) < 3 or node.input[2] not in inits:
             continue
-        if set(consumers.get(node.output[0], [])) != {'QuantizeLinear'}:
+        if {n.op_type for n in graph.node if node.output[0] in n.input} != {'QuantizeLinear'}:
             continue
         dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
         while dq_x is not None and dq_x.op_type in GRID_PRESERVING_OPS:

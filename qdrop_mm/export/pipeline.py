@@ -50,16 +50,6 @@ def input_tensor(cfg: Any, model: torch.nn.Module, input_shape: Optional[Sequenc
     return x
 
 
-def _describe_first_divergence(agreement, log: Callable[[str], None]) -> None:
-    first = first_divergence(agreement)
-    if first is None:
-        log(f'  all {len(agreement)} activation quantizers give identical integers')
-    else:
-        log(f'  first activation quantizer that differs: {first.name.removeprefix("model.")}, {first.differing} of '
-            f'{first.numel} elements, at most {first.max_steps:.0f} step(s); a few one-step differences are values '
-            f'on a rounding boundary under a different float summation order, and later layers inherit them')
-
-
 def export(config: str, quantized: str, out: Optional[str] = None, *, input_shape: Optional[Sequence[int]] = None,
            dynamic: bool = False, opset: int = 17, check: bool = False, check_image: Optional[str] = None,
            activation_storage: str = 'int8', float_bias: bool = False, whole: bool = False,
@@ -130,7 +120,13 @@ def export(config: str, quantized: str, out: Optional[str] = None, *, input_shap
         log(f'  onnxruntime default session (rounds conv biases to int32 at scale s_x*s_w'
             f'{"" if float_bias else ": already on that grid"}): {result["parity_bias_int32"].describe()}')
         result['agreement'] = quantizer_agreement(out, graph_module, example)
-        _describe_first_divergence(result['agreement'], log)
+        first = first_divergence(result['agreement'])
+        if first is None:
+            log(f'  all {len(result["agreement"])} activation quantizers give identical integers')
+        else:
+            log(f'  first activation quantizer that differs: {first.name.removeprefix("model.")}, {first.differing} '
+                f'of {first.numel} elements, at most {first.max_steps:.0f} step(s); a few one-step differences are '
+                f'values on a rounding boundary under a different float summation order, and later layers inherit them')
     if evaluate_images is not None:
         result['evaluation'] = evaluate_graph(cfg, model, out, result['levels'], evaluate_images or None, nms)
         log(describe_evaluation(result['evaluation']))

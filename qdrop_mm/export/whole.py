@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .onnx_io import onnxruntime_session
+from .onnx_io import MethodForward, onnxruntime_session, reference_outputs
 
 ROI_ALIGN_OPSET = 16  # RoiAlign with coordinate_transformation_mode
 
@@ -238,9 +238,7 @@ class WholeModel(nn.Module):
 
 
 def num_feature_levels(model: nn.Module, x: Tensor) -> int:
-    with torch.no_grad():
-        feats = model.extract_feat(x)
-    return len(feats) if isinstance(feats, (list, tuple)) else 1
+    return len(reference_outputs(MethodForward(model, 'extract_feat'), x))
 
 
 def example_rois(x: Tensor, count: int = 8) -> Tensor:
@@ -265,8 +263,7 @@ class GraphRunner:
 
     def __call__(self, x: Tensor, rois: Optional[Tensor] = None) -> List[Tensor]:
         if self.module is not None:
-            with torch.no_grad():
-                return list(self.module(x) if rois is None else self.module(x, rois))
+            return reference_outputs(self.module, (x,) if rois is None else (x, rois))
         feeds = {'input': x.detach().cpu().numpy()}
         if rois is not None:
             feeds['rois'] = rois.detach().cpu().float().numpy()
