@@ -25,7 +25,7 @@ import platform
 import statistics
 import sys
 import tempfile
-import timeit
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -69,7 +69,12 @@ def time_session(path: str, shape: Sequence[int], threads: int, runs: int = 20, 
     feed = {session.get_inputs()[0].name: x}
     for _ in range(warmup):
         session.run(None, feed)
-    return timeit.repeat(lambda: session.run(None, feed), repeat=runs, number=1)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 @dataclass

@@ -6,7 +6,6 @@ TorchScript exporter (``dynamo=False``): it maps the ``symbolic`` methods of
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -24,7 +23,12 @@ BIAS_QUANTIZATION_PASS = 'WeightBiasQuantization'
 
 def require_onnx() -> None:
     """Raise ImportError with the install line when onnx/onnxruntime are missing."""
-    missing = [name for name in ('onnx', 'onnxruntime') if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in ('onnx', 'onnxruntime'):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise ImportError(f'{" and ".join(missing)} not installed: pip install the versions pinned in '
                           f'requirements/lock.txt (onnx, onnxruntime)')
