@@ -141,10 +141,12 @@ def wrap_unit(unit: nn.Module, placement: str = 'before_quantizer') -> Compensat
 def wrap_units(model: nn.Module, modules: Sequence[nn.Module], placement: str = 'before_quantizer'
                ) -> List[Compensated]:
     """Wrap each unit module in place inside ``model`` (already wrapped ones are kept); returns the wrappers."""
-    wrappers = [wrap_unit(module, placement) for module in modules]
-    for module, wrapper in zip(modules, wrappers):
+    wrappers = []
+    for module in modules:
+        wrapper = wrap_unit(module, placement)
         if wrapper is not module:
             _replace_child(model, module, wrapper)
+        wrappers.append(wrapper)
     return wrappers
 
 
@@ -223,7 +225,8 @@ def _capture(model: nn.Module, unit: nn.Module, batch: Any, forward_fn: ForwardF
 
 def _cross_validated_sse(folds: Sequence[LeastSquaresAccumulator], ridge: float) -> float:
     """Σ over folds of the residual SSE on that fold of the fit on the other fold(s)."""
-    return sum(test.sse(*_sum(f for j, f in enumerate(folds) if j != i).solve(ridge)) for i, test in enumerate(folds))
+    return sum(test.sse(*_sum(f for j, f in enumerate(folds) if j != i).solve(ridge))
+               for i, test in enumerate(folds))
 
 
 def _sum(accs: Any) -> LeastSquaresAccumulator:
