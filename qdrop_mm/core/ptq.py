@@ -202,8 +202,8 @@ def _reconstruct(model: nn.Module, unit: Unit, stage_idx: int, stage: StageConfi
     cache = build_unit_cache(model, unit.module, batches, forward_fn, stage, cache_policy, correct, unit.calls)
     try:
         recs = (hook.reconstruct(unit, cache, stage, cb.progress) for hook in hooks)
-        rec = next((r for r in recs if r is not None), None) or \
-            reconstruct_unit(unit.module, cache, stage, progress=cb.progress)  # no hook has its own loss: the plain one
+        rec = next((r for r in recs if r is not None), None)  # the first hook with its own loss
+        rec = rec or reconstruct_unit(unit.module, cache, stage, progress=cb.progress)
     finally:
         cache.close()
     return UnitRecord(unit.name, unit.kind, stage_idx, rec, cache.num_bytes(), cache.usage())
