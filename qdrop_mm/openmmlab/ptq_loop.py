@@ -131,6 +131,15 @@ def check_roi_head_scope(model: torch.nn.Module, paths: Sequence[str]) -> None:
                                  f'let be fixed to the FP network\'s, so they have no FP target here')
 
 
+
+def checked_scope(model: torch.nn.Module, scope: Sequence[str]) -> Tuple[str, ...]:
+    """The paths of ``ptq.scope`` once each names a module and no RoI head in it lacks FP targets; else a
+    one-line PTQConfigError."""
+    with config_errors():
+        paths = tuple(path for path, _ in resolve_scope(model, scope))
+    check_roi_head_scope(model, paths)
+    return paths
+
 class NonFiniteUnitError(PTQError, FloatingPointError):
     """A unit's reconstruction loss became NaN/inf; the finished units are kept for --resume."""
 
@@ -228,10 +237,7 @@ class PTQLoop(TestLoop):
     def preflight(self) -> Tuple[MethodConfig, List[MethodHooks]]:
         """Checks that need the built model but no data (scope, the method's own checks, train data paths);
         returns the method and the hooks ``quantize`` runs."""
-        with config_errors():
-            resolve_scope(self.model, self.settings.scope)
-        paths = scope_paths(self.model, self.settings.scope)
-        check_roi_head_scope(self.model, paths)
+        paths = checked_scope(self.model, self.settings.scope)
         method = self.settings.build_method()
         hooks = method.build_hooks(PREDICTION_SOURCE)
         for hook in hooks:

@@ -32,9 +32,9 @@ from qdrop_mm.core.lsq import LSQActQuantizer
 from qdrop_mm.core.sensitivity import all_quantized, measure_sensitivity
 
 from .atomic_io import atomic_write, atomic_write_json
-from .block_plan import plan_model, scope_paths
+from .block_plan import plan_model
 from .calibration import build_calibration_batches, calibration_forward, feature_forward, num_images, split_batches
-from .ptq_loop import PTQLoop, _CheckpointFitHook, check_roi_head_scope, rebuild_quantized
+from .ptq_loop import PTQLoop, _CheckpointFitHook, checked_scope, rebuild_quantized
 from .registry import LOOPS
 from .report import format_bits, plain_metrics, unit_bits
 from .report_plots import SENSITIVITY_FILE, write_sensitivity_plot
@@ -250,8 +250,7 @@ class SensitivityLoop(TestLoop):
         if self.quantized:  # its own settings pick the scope and the held-out images
             self.settings, plan = rebuild_quantized(model, self.quantized, self.settings)
         settings = self.settings
-        paths = scope_paths(model, settings.scope)
-        check_roi_head_scope(model, paths)  # no method runs here: PD-Quant's own check on heads does not apply
+        paths = checked_scope(model, settings.scope)  # no method runs: PD-Quant's own check on heads does not apply
         seed_everything(settings.seed)
         wanted = dataclasses.replace(settings, num_images=settings.num_images + self.eval_images)
         try:

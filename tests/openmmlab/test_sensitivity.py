@@ -139,6 +139,14 @@ def test_too_few_images_names_the_held_out_ones(fp_checkpoint, coco128, tmp_path
     assert str(exc.value).startswith('error: ptq.num_images=1004') and '--eval-images 1000 held-out' in str(exc.value)
 
 
+
+def test_a_scope_entry_that_matches_no_module_is_a_one_line_error(fp_checkpoint, coco128, tmp_path):
+    from tools.sensitivity import main
+    with pytest.raises(SystemExit) as exc:
+        main([CONFIG, '--checkpoint', fp_checkpoint, '--work-dir', str(tmp_path), '--cfg-options',
+              *data_options(coco128), 'ptq.num_images=2', 'ptq.scope=[bakbone]'])
+    assert str(exc.value).startswith("error: ptq.scope entry 'bakbone' matches no module of FasterRCNN")
+
 @pytest.mark.parametrize('method', ['qdrop', 'pdquant'])  # the analysis is RTN: PD-Quant's limit on heads is moot
 def test_heads_in_scope_are_measured_through_the_model_forward(fp_checkpoint, coco128, tmp_path, method):
     from tools.sensitivity import main
