@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .capture import ForwardFn, tensors_in as output_tensors
+from .capture import ForwardFn, tensors_in
 from .ptq import Unit
 from .quant_state import quant_state
 
@@ -36,7 +36,7 @@ def relative_output_error(model: nn.Module, batches: Sequence[Any], forward_fn: 
     """Σ||out - ref||² / Σ||ref||² over ``batches`` with the model's current quantizer state."""
     err, ref = (torch.zeros((), dtype=torch.float64) for _ in range(2))
     for batch, fp in zip(batches, reference):
-        out = output_tensors(forward_fn(model, batch))
+        out = tensors_in(forward_fn(model, batch))
         if len(out) != len(fp):
             raise ValueError(f'forward_fn returned {len(out)} tensors, the FP reference has {len(fp)}')
         for q, f in zip(out, fp):
@@ -49,7 +49,7 @@ def relative_output_error(model: nn.Module, batches: Sequence[Any], forward_fn: 
 def fp_outputs(model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn) -> List[List[Tensor]]:
     """The output tensors of every batch with all quantizers off: the reference the errors are taken against."""
     with quant_state(model, weight=False, act=False):
-        return [output_tensors(forward_fn(model, b)) for b in batches]
+        return [tensors_in(forward_fn(model, b)) for b in batches]
 
 
 @torch.no_grad()

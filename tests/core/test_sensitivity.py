@@ -5,7 +5,8 @@ from torch import nn
 
 from qdrop_mm.core import QuantLayer, Unit, act_quantizers, calibrate_activations, weight_quantizers
 from qdrop_mm.core.bit_budget import act_bit_counts, average_bits, weight_bit_counts
-from qdrop_mm.core.sensitivity import measure_sensitivity, output_tensors
+from qdrop_mm.core.capture import tensors_in
+from qdrop_mm.core.sensitivity import measure_sensitivity
 
 
 def _forward(model, batch):
@@ -46,10 +47,10 @@ def test_error_matches_a_direct_computation_and_state_is_restored(network):
     for q in wq + aq:
         q.enabled = False
     with torch.no_grad():
-        fp = [output_tensors(_forward(model, b)) for b in batches[2:]]
+        fp = [tensors_in(_forward(model, b)) for b in batches[2:]]
         units[1].module.weight_quantizer.enabled = True
         units[1].module.act_quantizer.enabled = True
-        q1 = [output_tensors(_forward(model, b)) for b in batches[2:]]
+        q1 = [tensors_in(_forward(model, b)) for b in batches[2:]]
     num = sum((a - b).pow(2).sum().item() for qs, fs in zip(q1, fp) for a, b in zip(qs, fs))
     den = sum(b.pow(2).sum().item() for fs in fp for b in fs)
     assert result.unit_errors['layer1'] == pytest.approx(num / den, rel=1e-6)
@@ -71,12 +72,12 @@ def test_an_activation_quantizer_as_a_part_is_measured_with_the_weights_fp(netwo
     with torch.no_grad():
         for q in weight_quantizers(model) + act_quantizers(model):
             q.enabled = False
-        fp = [output_tensors(_forward(model, b)) for b in batches[2:]]
+        fp = [tensors_in(_forward(model, b)) for b in batches[2:]]
         model[1].act_quantizer.enabled = True
-        a1 = [output_tensors(_forward(model, b)) for b in batches[2:]]
+        a1 = [tensors_in(_forward(model, b)) for b in batches[2:]]
         for m in model:
             m.act_quantizer.enabled = True
-        a_all = [output_tensors(_forward(model, b)) for b in batches[2:]]
+        a_all = [tensors_in(_forward(model, b)) for b in batches[2:]]
 
     def rel(out):
         return (sum((a - b).pow(2).sum().item() for qs, fs in zip(out, fp) for a, b in zip(qs, fs))
